@@ -1,0 +1,1 @@
+"""Shared configuration bases; the runnable configs live in the top-level `configs/`."""
