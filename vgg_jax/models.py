@@ -185,7 +185,11 @@ class ConvBlock(nnx.Module):
     self.norms = nnx.List(norms) if batch_norm else None
     self.lrn = lrn
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, valid: jax.Array | None = None
+               ) -> jax.Array:
+    if valid is not None:
+      # A pool over an odd valid size leaves a non-zero border row.
+      x = x * valid
     for i, conv in enumerate(self.convs):
       x = conv(x)
       if self.norms is not None:
@@ -193,6 +197,10 @@ class ConvBlock(nnx.Module):
       x = nnx.relu(x)
       if self.lrn and i == 0:
         x = local_response_norm(x)
+      if valid is not None:
+        # Zero outside the image so the next conv sees exactly the zero
+        # padding it would see on the unpadded image.
+        x = x * valid
     return nnx.max_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -257,12 +265,17 @@ class VGG(nnx.Module):
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
     self.dtype = dtype
 
-  def features(self, x: jax.Array, *, rngs: nnx.Rngs | None = None
-               ) -> dict[str, jax.Array]:
+  def features(self, x: jax.Array, *, valid_size: jax.Array | None = None,
+               rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
     """Every block's output and the head's activations.
 
     Args:
       x: images ``(N, H, W, C)``, already normalised.
+      valid_size: optional ``(N, 2)`` int ``(height, width)`` of each image
+        placed at the top-left of a larger zero canvas ``x``. Activations are
+        then zeroed outside the image after every layer, so every output
+        inside the image equals that of the image run on its own: one
+        compiled program serves images of many sizes (dense evaluation).
       rngs: optional dropout streams for training mode.
 
     Returns:
@@ -270,45 +283,81 @@ class VGG(nnx.Module):
       width)``; ``fc6`` and ``fc7``: the head's post-ReLU activations (before
       dropout) as maps ``(N, h, w, 4096)``, which are 1x1 on a training-size
       crop (``fc7[:, 0, 0]`` is the classic 4096-d VGG feature); ``scores``:
-      the class score map ``(N, h, w, num_classes)`` in float32.
+      the class score map ``(N, h, w, num_classes)`` in float32; with
+      ``valid_size`` also ``score_mask`` ``(N, h, w)``, True where FC-6's
+      window lies inside the image (``scores`` is zero elsewhere).
     """
     out = {}
     x = jnp.asarray(x, self.dtype)
-    for b, block in enumerate(self.blocks):
-      x = block(x)
-      out[f'block{b + 1}'] = x
-    if x.shape[1] < self.fc6.kernel_size[0] or x.shape[2] < self.fc6.kernel_size[1]:
+    k = self.fc6.kernel_size
+    if x.shape[1] < 32 * k[0] or x.shape[2] < 32 * k[1]:
       raise ValueError(
-          f'Input {tuple(out["block1"].shape[1:3])}x2 is too small: the last '
-          f'block gives {x.shape[1]}x{x.shape[2]} but FC-6 is a '
-          f'{self.fc6.kernel_size[0]}x{self.fc6.kernel_size[1]} conv; images '
-          f'must be at least {32 * self.fc6.kernel_size[0]} pixels a side.')
+          f'Input {x.shape[1]}x{x.shape[2]} is too small: FC-6 is a '
+          f'{k[0]}x{k[1]} conv over the 1/32 map, so images must be at least '
+          f'{32 * k[0]}x{32 * k[1]}.')
+    for b, block in enumerate(self.blocks):
+      valid = None
+      if valid_size is not None:
+        valid = valid_mask(valid_size, x.shape[1:3], 2 ** b)[..., None]
+        valid = valid.astype(x.dtype)
+      x = block(x, valid)
+      out[f'block{b + 1}'] = x
     x = nnx.relu(self.fc6(x))
     out['fc6'] = x
     x = nnx.relu(self.fc7(self.dropout(x, rngs=rngs)))
     out['fc7'] = x
-    out['scores'] = self.fc8(self.dropout(x, rngs=rngs)).astype(jnp.float32)
+    scores = self.fc8(self.dropout(x, rngs=rngs)).astype(jnp.float32)
+    if valid_size is not None:
+      # A score position is valid when FC-6's window lies inside the image.
+      valid_hw = jnp.asarray(valid_size) // 32 - jnp.asarray(k) + 1
+      score_mask = valid_mask(valid_hw, scores.shape[1:3], 1)
+      out['score_mask'] = score_mask
+      scores = scores * score_mask[..., None]
+    out['scores'] = scores
     return out
 
-  def score_map(self, x: jax.Array, *, rngs: nnx.Rngs | None = None
-                ) -> jax.Array:
+  def score_map(self, x: jax.Array, *, valid_size: jax.Array | None = None,
+                rngs: nnx.Rngs | None = None) -> jax.Array:
     """The class score map ``(N, h, w, num_classes)``, float32.
 
     Args:
       x: images ``(N, H, W, C)``; ``h = floor(H/32) - fc6_kernel + 1``.
+      valid_size: optional image sizes on a zero canvas (see ``features``);
+        scores outside the image are zero.
       rngs: optional dropout streams for training mode.
     """
-    return self.features(x, rngs=rngs)['scores']
+    return self.features(x, valid_size=valid_size, rngs=rngs)['scores']
 
-  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None
-               ) -> jax.Array:
+  def __call__(self, x: jax.Array, *, valid_size: jax.Array | None = None,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
     """Class scores ``(N, num_classes)``: the score map averaged spatially.
 
     Args:
       x: images ``(N, H, W, C)``, already normalised.
+      valid_size: optional image sizes on a zero canvas (see ``features``):
+        the average is then over the image's own score positions only.
       rngs: optional dropout streams for training mode.
     """
-    return self.score_map(x, rngs=rngs).mean(axis=(1, 2))
+    out = self.features(x, valid_size=valid_size, rngs=rngs)
+    if valid_size is None:
+      return out['scores'].mean(axis=(1, 2))
+    count = out['score_mask'].sum(axis=(1, 2)).astype(jnp.float32)
+    return out['scores'].sum(axis=(1, 2)) / jnp.maximum(count, 1.0)[:, None]
+
+
+def valid_mask(valid_size: jax.Array, shape: Sequence[int], stride: int
+               ) -> jax.Array:
+  """Boolean ``(N, h, w)`` mask of the top-left ``valid_size // stride`` region.
+
+  Args:
+    valid_size: ``(N, 2)`` int ``(height, width)`` at full resolution.
+    shape: ``(h, w)`` of the map.
+    stride: how many input pixels one map position covers.
+  """
+  valid_size = jnp.asarray(valid_size) // stride
+  rows = jnp.arange(shape[0])[None, :] < valid_size[:, :1]
+  cols = jnp.arange(shape[1])[None, :] < valid_size[:, 1:2]
+  return rows[:, :, None] & cols[:, None, :]
 
 
 _OPTION_DEFAULTS = dict(num_classes=1000, dropout_rate=0.5,
