@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny Fashion-MNIST-format dataset and tiny configs."""
+
+import gzip
+import importlib.util
+import pathlib
+import struct
+
+import numpy as np
+import pytest
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name):
+  """``configs/<name>.py``'s ``get_config()``, loaded the way config_flags does."""
+  spec = importlib.util.spec_from_file_location(
+      f'configs_{name}', REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def write_idx(directory, prefix, images, labels):
+  """Writes IDX files as Zalando publishes them (gzipped, big-endian)."""
+  n, rows, cols = images.shape
+  with gzip.open(directory / f'{prefix}-images-idx3-ubyte.gz', 'wb') as f:
+    f.write(struct.pack('>IIII', 0x803, n, rows, cols))
+    f.write(images.astype(np.uint8).tobytes())
+  with gzip.open(directory / f'{prefix}-labels-idx1-ubyte.gz', 'wb') as f:
+    f.write(struct.pack('>II', 0x801, n))
+    f.write(labels.astype(np.uint8).tobytes())
+
+
+def learnable_images(n, seed):
+  """28x28 grey images whose class is where a bright square sits."""
+  rng = np.random.RandomState(seed)
+  labels = np.arange(n) % 10
+  rng.shuffle(labels)
+  images = rng.randint(0, 60, (n, 28, 28)).astype(np.uint8)
+  for img, c in zip(images, labels):
+    r, q = divmod(int(c), 5)
+    img[2 + 12 * r:12 + 12 * r, 1 + 5 * q:6 + 5 * q] = 230
+  return images, labels
+
+
+@pytest.fixture(scope='session')
+def fashion_idx_dir(tmp_path_factory):
+  """A directory with tiny train (160) / t10k (40) IDX files."""
+  d = tmp_path_factory.mktemp('fashion_idx')
+  write_idx(d, 'train', *learnable_images(160, 0))
+  write_idx(d, 't10k', *learnable_images(40, 1))
+  return d
+
+
+@pytest.fixture
+def tiny_config(fashion_idx_dir, tmp_path):
+  """The quickstart config shrunk to seconds: 1/16 width, batch 16."""
+  config = load_config('quickstart')
+  config.data.manual_dir = str(fashion_idx_dir)
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.data.num_workers = 0
+  config.model.width_multiplier = 1 / 16
+  config.train.batch_size = 16
+  config.train.eval_batch_size = 8
+  config.train.max_steps = 6
+  config.train.log_every_steps = 2
+  config.train.eval_every_steps = 1000
+  config.train.checkpoint_every_steps = 1000
+  config.train.learning_rate = 0.01
+  return config
