@@ -53,12 +53,18 @@ def fashion_idx_dir(tmp_path_factory):
   return d
 
 
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory):
+  """A TFDS data dir shared by a test session: the tiny set is prepared once."""
+  return tmp_path_factory.mktemp('tfds')
+
+
 @pytest.fixture
-def tiny_config(fashion_idx_dir, tmp_path):
+def tiny_config(fashion_idx_dir, tfds_dir):
   """The quickstart config shrunk to seconds: 1/16 width, batch 16."""
   config = load_config('quickstart')
   config.data.manual_dir = str(fashion_idx_dir)
-  config.data.data_dir = str(tmp_path / 'tfds')
+  config.data.data_dir = str(tfds_dir)
   config.data.num_workers = 0
   config.model.width_multiplier = 1 / 16
   config.train.batch_size = 16

@@ -30,8 +30,10 @@ def decay_mask(params: Any, decay_biases_and_norms: bool) -> Any:
       and Caffe decay everything; common practice decays kernels only).
   """
   def is_decayed(path, _):
-    name = getattr(path[-1], 'key', getattr(path[-1], 'name', path[-1]))
-    return decay_biases_and_norms or name == 'kernel'
+    # nnx.State paths may end in the Variable's own 'value' entry.
+    names = [str(getattr(p, 'key', getattr(p, 'name', p))) for p in path]
+    names = [n for n in names if n != 'value']
+    return decay_biases_and_norms or names[-1] == 'kernel'
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 

@@ -330,10 +330,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         state, state_shd)
+    # Check the model before touching arrays: a mismatch must be our error,
+    # not a shape error deep inside Orbax, and must never partially load.
+    _, meta = checkpointing.read_meta(workdir, resume_step)
+    checkpointing.check_compatible(meta['model'], config, workdir)
     restored = manager.restore(resume_step, args=checkpointing.restore_args(
         abstract_state, train_iter))
-    meta = restored['meta']
-    checkpointing.check_compatible(meta['model'], config, workdir)
     state = restored['state']
     plateau.load_state_dict(meta['plateau'])
     last_val = meta.get('val') or {}

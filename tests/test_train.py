@@ -1,0 +1,339 @@
+"""Training: the step, the recipe, checkpoints, resume, init from net A."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vgg_jax import checkpointing
+from vgg_jax import models
+from vgg_jax import optim
+from vgg_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _tiny_setup(config):
+  model = models.create_model('vgg11', width_multiplier=1 / 16,
+                              num_classes=10, fc6_kernel=1, init='he')
+  model.train()
+  graphdef, params, stats, rest = train.split_model(model)
+  tx = optim.create_optimizer(config, params)
+  state = dict(step=jnp.zeros((), jnp.int32), params=params,
+               batch_stats=stats, opt_state=tx.init(params))
+  step = jax.jit(train.make_train_step(
+      graphdef, rest, tx, lambda x: x.astype(jnp.float32) / 255.0 - 0.5,
+      seed=0))
+  return state, step
+
+
+def test_train_step_lowers_loss_on_a_fixed_batch(tiny_config):
+  tiny_config.model.dropout_rate = 0.0
+  state, step = _tiny_setup(tiny_config)
+  rng = np.random.RandomState(0)
+  batch = dict(image=jnp.asarray(rng.randint(0, 255, (16, 32, 32, 3)),
+                                 jnp.uint8),
+               label=jnp.asarray(rng.randint(0, 10, 16), jnp.int32))
+  losses = []
+  for _ in range(8):
+    state, metrics, loss = step(state, batch, jnp.float32(0.05))
+    losses.append(float(loss))
+  assert losses[-1] < 0.9 * losses[0]
+  assert int(state['step']) == 8
+  assert 0 <= float(metrics.compute()['top1']) <= 1
+
+
+def test_topk_correct():
+  logits = jnp.array([[0.1, 0.5, 0.2, 0.0], [3.0, 1.0, 2.0, 0.0]])
+  labels = jnp.array([2, 3])
+  np.testing.assert_array_equal(train.topk_correct(logits, labels, 1), [0, 0])
+  np.testing.assert_array_equal(train.topk_correct(logits, labels, 2), [1, 0])
+  np.testing.assert_array_equal(train.topk_correct(logits, labels, 4), [1, 1])
+
+
+def test_plateau_drops_after_patience_at_most_max_drops():
+  p = optim.Plateau(patience=2, factor=0.1, max_drops=2)
+  assert p.update(0.5) == 'improved' and p.scale == 1
+  assert p.update(0.5) == 'waiting'
+  assert p.update(0.4) == 'dropped' and p.scale == pytest.approx(0.1)
+  assert p.update(0.6) == 'improved'
+  assert [p.update(0.6), p.update(0.6)] == ['waiting', 'dropped']
+  assert p.scale == pytest.approx(0.01)
+  assert [p.update(0.1), p.update(0.1)] == ['waiting', 'exhausted']
+  assert p.drops == 2 and p.scale == pytest.approx(0.01)
+  q = optim.Plateau(patience=2, factor=0.1, max_drops=2)
+  q.load_state_dict(json.loads(json.dumps(p.state_dict())))
+  assert (q.best, q.drops, q.bad_evals) == (p.best, p.drops, p.bad_evals)
+
+
+def test_weight_decay_masks_biases_and_norms_by_default(tiny_config):
+  model = models.create_model('vgg11_bn', width_multiplier=1 / 16,
+                              num_classes=10, fc6_kernel=1)
+  params = nnx.state(model, nnx.Param)
+  for decay_all in (False, True):
+    tiny_config.train.decay_biases_and_norms = decay_all
+    tiny_config.train.momentum = 0.0
+    tx = optim.create_optimizer(tiny_config, params)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    for (path, u), (_, p) in zip(nnx.to_flat_state(updates),
+                                 nnx.to_flat_state(params)):
+      u, p = np.asarray(u[...]), np.asarray(p[...])
+      if path[-1] == 'kernel' or decay_all:
+        np.testing.assert_allclose(u, 5e-4 * p, rtol=1e-6)
+      else:
+        assert not np.any(u), path
+
+
+def test_schedules():
+  from vgg_jax.configs import base
+  config = base.get_config()
+  config.train.schedule = 'step'
+  config.train.step_boundaries_epochs = (1.0, 2.0)
+  lr = optim.base_schedule(config, steps_per_epoch=10, total_steps=30)
+  assert [lr(0), lr(10), lr(25)] == pytest.approx([0.01, 0.001, 0.0001])
+  config.train.schedule = 'cosine'
+  lr = optim.base_schedule(config, steps_per_epoch=10, total_steps=30)
+  assert lr(0) == pytest.approx(0.01) and lr(30) == pytest.approx(0.0)
+  config.train.schedule = 'linear'
+  with pytest.raises(ValueError, match="Unknown train.schedule 'linear'"):
+    optim.base_schedule(config, 10, 30)
+
+
+def _params(workdir, checkpoint='latest'):
+  params, _, _ = checkpointing.load_variables(str(workdir), checkpoint)
+  return params
+
+
+def test_end_to_end_writes_metrics_and_checkpoints(tiny_config, tmp_path):
+  tiny_config.train.max_steps = 8
+  tiny_config.train.eval_every_steps = 4
+  workdir = tmp_path / 'run'
+  summary = train.train_and_evaluate(tiny_config, str(workdir))
+  assert summary['step'] == 8 and summary['stopped'] == 'done'
+  assert summary['val_count'] == 40  # the whole tiny test split, once
+  assert 0 <= summary['val_top5'] <= 1 and summary['val_top1'] <= summary['val_top5']
+  assert (workdir / 'config.json').exists()
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
+                 if p.name.isdigit())
+  assert steps == [4, 8]
+  events = list(workdir.glob('events.out.tfevents.*'))
+  assert events, 'no TensorBoard event file'
+  model, config, meta = checkpointing.load_model(str(workdir))
+  assert meta['step'] == 8 and config.model.name == 'vgg11'
+  assert model(jnp.zeros((1, 32, 32, 3))).shape == (1, 10)
+
+
+def test_resume_is_exact(tiny_config, tmp_path):
+  tiny_config.train.max_steps = 6
+  train.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
+  tiny_config.train.max_steps = 3
+  train.train_and_evaluate(tiny_config, str(tmp_path / 'split'))
+  tiny_config.train.max_steps = 6
+  summary = train.train_and_evaluate(tiny_config, str(tmp_path / 'split'))
+  assert summary['step'] == 6
+  a, b = _params(tmp_path / 'straight'), _params(tmp_path / 'split')
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  c = _params(tmp_path / 'split', 3)
+  assert not np.array_equal(a['fc8']['kernel'], c['fc8']['kernel'])
+
+
+def test_config_mismatch_is_a_clear_error(tiny_config, tmp_path):
+  tiny_config.train.max_steps = 2
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  tiny_config.model.width_multiplier = 1 / 8
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r'width_multiplier: checkpoint 0.0625 vs config 0.125'):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config,
+                                                              tmp_path):
+  tiny_config.train.max_steps = 2
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  tiny_config.train.max_steps = 30
+  tiny_config.train.log_every_steps = 1
+  tiny_config.train.checkpoint_every_steps = 1
+  tiny_config.train.learning_rate = 1e12
+  with pytest.raises(train.NonFiniteLossError, match=r'at step \d+'):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  params = _params(tmp_path)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_init_from_net_a_copies_exactly_the_stated_layers(tiny_config,
+                                                          tmp_path):
+  tiny_config.train.max_steps = 2
+  train.train_and_evaluate(tiny_config, str(tmp_path / 'a'))
+  src = _params(tmp_path / 'a')
+  tiny_config.model.name = 'vgg16'
+  tiny_config.train.init_from = str(tmp_path / 'a')
+  model = models.create_model('vgg16', **checkpointing.model_options(
+      tiny_config))
+  fresh = nnx.state(model, nnx.Param).to_pure_dict()
+  copied = train.init_from(model, tiny_config)
+  assert copied == ['blocks.0.convs.0', 'blocks.1.convs.0', 'blocks.2.convs.0',
+                    'blocks.2.convs.1', 'fc6', 'fc7', 'fc8']
+  got = nnx.state(model, nnx.Param).to_pure_dict()
+  same = {('blocks', 0, 0), ('blocks', 1, 0), ('blocks', 2, 0), ('blocks', 2, 1)}
+  for b, block in got['blocks'].items():
+    for i, conv in block['convs'].items():
+      src_b = src['blocks'][str(b)] if str(b) in src['blocks'] else src['blocks'][b]
+      if ('blocks', b, i) in same:
+        convs = src_b['convs']
+        np.testing.assert_array_equal(
+            conv['kernel'], convs[str(i)]['kernel'] if str(i) in convs
+            else convs[i]['kernel'])
+      else:
+        np.testing.assert_array_equal(conv['kernel'],
+                                      fresh['blocks'][b]['convs'][i]['kernel'])
+  for fc in ('fc6', 'fc7', 'fc8'):
+    np.testing.assert_array_equal(got[fc]['kernel'], src[fc]['kernel'])
+
+
+def test_init_from_shape_mismatch_is_a_clear_error(tiny_config, tmp_path):
+  tiny_config.train.max_steps = 1
+  train.train_and_evaluate(tiny_config, str(tmp_path / 'a'))
+  tiny_config.model.name = 'vgg13'
+  tiny_config.model.width_multiplier = 1 / 8
+  tiny_config.train.init_from = str(tmp_path / 'a')
+  model = models.create_model('vgg13', **checkpointing.model_options(
+      tiny_config))
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r'blocks.0.convs.0.(kernel|bias) has shape'):
+    train.init_from(model, tiny_config)
+  tiny_config.model.name = 'vgg13_bn'
+  with pytest.raises(checkpointing.CheckpointMismatchError, match='holds vgg11'):
+    train.init_from(models.create_model('vgg13_bn', width_multiplier=1 / 8,
+                                        fc6_kernel=1, num_classes=10),
+                    tiny_config)
+
+
+def _cli(config, workdir, extra=(), env=None):
+  """Command line for main.py with the tiny config's overrides."""
+  args = [sys.executable, '-m', 'vgg_jax.main',
+          f'--config={REPO}/configs/quickstart.py', f'--workdir={workdir}']
+  for key in ('data.manual_dir', 'data.data_dir', 'data.num_workers',
+              'model.width_multiplier', 'train.batch_size',
+              'train.eval_batch_size', 'train.max_steps',
+              'train.log_every_steps', 'train.eval_every_steps',
+              'train.checkpoint_every_steps', 'train.learning_rate'):
+    node = config
+    for part in key.split('.'):
+      node = node[part]
+    args.append(f'--config.{key}={node}')
+  return args + list(extra)
+
+
+def test_sigterm_saves_a_restorable_checkpoint(tiny_config, tmp_path):
+  tiny_config.train.max_steps = 100000
+  tiny_config.train.log_every_steps = 1
+  workdir = tmp_path / 'run'
+  proc = subprocess.Popen(_cli(tiny_config, workdir), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  lines = []
+  deadline = time.monotonic() + 240
+  for line in proc.stdout:
+    lines.append(line)
+    if 'step 5/' in line or time.monotonic() > deadline:
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  log = ''.join(lines) + out
+  assert proc.returncode == 0, log[-3000:]
+  assert 'SIGTERM received' in log and 'preempted' in log
+  step, meta = checkpointing.read_meta(str(workdir))
+  assert step >= 5 and meta['step'] == step
+  # The run resumes from there.
+  tiny_config.train.max_steps = step + 2
+  summary = train.train_and_evaluate(tiny_config, str(workdir))
+  assert summary['step'] == step + 2
+
+
+_LOSSES = '''
+import json, sys
+sys.path.insert(0, {tests!r})
+from conftest import load_config
+from vgg_jax import train, checkpointing
+import jax
+if {procs} > 1:
+  jax.distributed.initialize('localhost:{port}', num_processes={procs},
+                             process_id=int(sys.argv[1]))
+config = load_config('quickstart')
+config.update_from_flattened_dict(json.loads({overrides!r}))
+summary = train.train_and_evaluate(config, {workdir!r} + '/' + str(jax.process_count()))
+params, _, _ = checkpointing.load_variables({workdir!r} + '/' + str(jax.process_count()))
+import numpy as np
+print('RESULT', json.dumps(dict(devices=jax.device_count(),
+      losses=[l for _, l in summary['train_loss_history']],
+      val_loss=summary['val_loss'], fc8=float(np.abs(np.asarray(params['fc8']['kernel'])).sum()))))
+'''
+
+
+def _run_losses(tiny_config, tmp_path, devices_per_proc, procs):
+  overrides = {k: tiny_config[k.split('.')[0]][k.split('.')[1]] for k in (
+      'data.manual_dir', 'data.data_dir', 'data.num_workers',
+      'model.width_multiplier', 'train.batch_size', 'train.eval_batch_size',
+      'train.max_steps', 'train.learning_rate')}
+  # One batch is the whole tiny split: the global batch is then the same set
+  # of records whatever the process count (each process reads its own shard).
+  overrides['train.batch_size'] = 160
+  overrides['train.max_steps'] = 3
+  overrides['train.log_every_steps'] = 1
+  overrides['model.dropout_rate'] = 0.0  # masks follow batch positions
+  code = _LOSSES.format(tests=str(REPO / 'tests'), procs=procs, port=0,
+                        overrides=json.dumps(overrides),
+                        workdir=str(tmp_path))
+  env = dict(os.environ, XLA_FLAGS=(
+      f'--xla_force_host_platform_device_count={devices_per_proc}'),
+             JAX_PLATFORMS='cpu')
+  if procs == 1:
+    out = subprocess.run([sys.executable, '-c', code, '0'], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    outs = [out.stdout]
+  else:
+    import portpicker
+    port = portpicker.pick_unused_port()
+    code = code.replace("'localhost:0'", f"'localhost:{port}'")
+    env['JAX_CPU_COLLECTIVES_IMPLEMENTATION'] = 'gloo'
+    ps = [subprocess.Popen([sys.executable, '-c', code, str(i)], env=env,
+                           cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+          for i in range(procs)]
+    outs = []
+    for p in ps:
+      o, e = p.communicate(timeout=600)
+      assert p.returncode == 0, e[-3000:]
+      outs.append(o)
+  line = [l for l in outs[0].splitlines() if l.startswith('RESULT')][0]
+  return json.loads(line[len('RESULT'):])
+
+
+def test_four_devices_match_one_device(tiny_config, tmp_path):
+  one = _run_losses(tiny_config, tmp_path / 'one', 1, 1)
+  four = _run_losses(tiny_config, tmp_path / 'four', 4, 1)
+  assert (one['devices'], four['devices']) == (1, 4)
+  assert len(one['losses']) == 3
+  np.testing.assert_allclose(four['losses'], one['losses'], rtol=1e-4)
+  assert four['val_loss'] == pytest.approx(one['val_loss'], rel=1e-4)
+  assert four['fc8'] == pytest.approx(one['fc8'], rel=1e-4)
+
+
+def test_two_processes_match_one_process(tiny_config, tmp_path):
+  one = _run_losses(tiny_config, tmp_path / 'one', 4, 1)
+  two = _run_losses(tiny_config, tmp_path / 'two', 2, 2)
+  assert two['devices'] == 4
+  np.testing.assert_allclose(two['losses'], one['losses'], rtol=1e-4)
+  assert two['val_loss'] == pytest.approx(one['val_loss'], rel=1e-4)
+  assert two['fc8'] == pytest.approx(one['fc8'], rel=1e-4)
