@@ -22,8 +22,8 @@ from vgg_jax import train
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _tiny_setup(config):
-  model = models.create_model('vgg11', width_multiplier=1 / 16,
+def _tiny_setup(config, name='vgg11'):
+  model = models.create_model(name, width_multiplier=1 / 16,
                               num_classes=10, fc6_kernel=1, init='he')
   model.train()
   graphdef, params, stats, rest = train.split_model(model)
@@ -36,9 +36,10 @@ def _tiny_setup(config):
   return state, step
 
 
-def test_train_step_lowers_loss_on_a_fixed_batch(tiny_config):
-  tiny_config.model.dropout_rate = 0.0
-  state, step = _tiny_setup(tiny_config)
+@pytest.mark.parametrize('name', ['vgg11', 'vgg11_bn'])
+def test_train_step_lowers_loss_on_a_fixed_batch(tiny_config, name):
+  state, step = _tiny_setup(tiny_config, name)
+  stats_before = jax.tree.map(np.asarray, state['batch_stats'])
   rng = np.random.RandomState(0)
   batch = dict(image=jnp.asarray(rng.randint(0, 255, (16, 32, 32, 3)),
                                  jnp.uint8),
@@ -50,6 +51,10 @@ def test_train_step_lowers_loss_on_a_fixed_batch(tiny_config):
   assert losses[-1] < 0.9 * losses[0]
   assert int(state['step']) == 8
   assert 0 <= float(metrics.compute()['top1']) <= 1
+  if name.endswith('_bn'):  # running statistics move in training mode
+    moved = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)),
+                         stats_before, state['batch_stats'])
+    assert all(jax.tree.leaves(moved))
 
 
 def test_topk_correct():

@@ -76,7 +76,8 @@ def make_train_step(graphdef, rest, tx, normalize: Callable, seed: int):
     key = jax.random.fold_in(jax.random.key(seed), state['step'])
 
     def loss_fn(params):
-      model = nnx.merge(graphdef, params, state['batch_stats'], rest)
+      model = nnx.merge(graphdef, params, state['batch_stats'], rest,
+                         copy=True)
       logits = model(normalize(batch['image']), rngs=nnx.Rngs(dropout=key))
       loss = optim.cross_entropy(logits, batch['label']).mean()
       return loss, (logits, nnx.state(model, nnx.BatchStat))
@@ -97,7 +98,8 @@ def make_train_step(graphdef, rest, tx, normalize: Callable, seed: int):
 def make_eval_step(graphdef, rest, normalize: Callable):
   """Sums of loss, top-1 and top-5 hits over the unmasked examples."""
   def eval_step(state, batch):
-    model = nnx.merge(graphdef, state['params'], state['batch_stats'], rest)
+    model = nnx.merge(graphdef, state['params'], state['batch_stats'], rest,
+                      copy=True)
     valid_size = batch.get('valid_size')
     logits = model(normalize(batch['image']), valid_size=valid_size)
     mask = batch['mask'].astype(jnp.float32)
