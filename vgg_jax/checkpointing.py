@@ -191,7 +191,8 @@ def load_variables(path: str, checkpoint: str | int = 'latest'
   from vgg_jax import pretrained  # pylint: disable=g-import-not-at-top
   if pretrained.is_pretrained_dir(path):
     state, meta = pretrained.load_state_dict(path)
-    return _split_pure(state), meta
+    params, stats = _split_pure(state)
+    return params, stats, meta
   step, meta = read_meta(path, checkpoint)
   where = epath.Path(path) / CHECKPOINT_DIR / str(step) / 'state'
   raw = _strip_variable_boxes(ocp.StandardCheckpointer().restore(where))

@@ -144,7 +144,8 @@ def local_response_norm(x: jax.Array, *, n: int = 5, k: float = 2.0,
   return (xf / (k + alpha * sq_sum) ** beta).astype(x.dtype)
 
 
-def _initializers(scheme: str):
+def initializer(scheme: str):
+  """The kernel initialiser of an ``INIT_SCHEMES`` name."""
   if scheme == 'normal':  # the paper: zero-mean normal, std 0.01 (PAPER.md §2)
     return nnx.initializers.normal(stddev=0.01)
   if scheme == 'glorot':
@@ -236,7 +237,7 @@ class VGG(nnx.Module):
                    in_channels=in_channels)
     dtype = _dtype(dtype, 'dtype')
     param_dtype = _dtype(param_dtype, 'param_dtype')
-    kernel_init = _initializers(init)
+    kernel_init = initializer(init)
     self.name = name
     self.architecture = arch
     self.batch_norm = batch_norm
