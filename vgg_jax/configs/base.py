@@ -42,6 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_split = 'validation'  # TFDS split for validation
   config.data.num_workers = 8  # Grain worker processes per host (0: in-process)
   config.data.prefetch_buffer_size = 2  # batches prepared ahead per worker
+  config.data.read_threads = 16  # reading/decoding threads per worker (hide storage latency)
+  config.data.read_buffer_size = 128  # examples decoded ahead per worker
+  config.data.eval_read_threads = 2  # eval batches decoded at once per worker (memory)
+  config.data.max_consecutive_skips = 100  # more unreadable records in a row: error
 
   config.input = ml_collections.ConfigDict()
   config.input.scale_min = 256  # training scale S (smallest side); S_min
@@ -51,7 +55,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.pca_sigma = 0.1  # AlexNet PCA colour shift std (0: off)
   config.input.normalization = 'mean_rgb'  # mean_rgb (paper), imagenet_mean_std, caffe_bgr
   config.input.mean_rgb = IMAGENET_MEAN_RGB  # 0-255 mean subtracted by mean_rgb
+  config.input.interpolation = 'bilinear'  # resampling filter: bilinear, bicubic, lanczos, ...
+  config.input.jpeg_draft = True  # training: decode JPEGs at 1/2-1/8 size when S allows
+  config.input.max_image_pixels = 64_000_000  # larger images are skipped (decompression bombs)
   config.input.eval_scales = (256,)  # test scales Q (smallest side)
+  config.input.dense_max_aspect = 1.5  # full-image eval canvas side: Q * this, up to a multiple of 32
   config.input.eval_protocol = 'center_crop'  # validation during training: center_crop or dense
 
   config.train = ml_collections.ConfigDict()
