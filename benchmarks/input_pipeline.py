@@ -52,7 +52,6 @@ from PIL import Image
 # Runnable as `python benchmarks/input_pipeline.py` from a plain checkout.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from vgg_jax import datasets
 from vgg_jax import input_pipeline
 from vgg_jax import preprocessing
 from vgg_jax.configs import base
@@ -269,7 +268,6 @@ def _one_core(config, jpegs: Sequence[bytes], batch: int, batches: int
 def _transfer(batch: int, crop: int, repeats: int) -> list[str]:
   """uint8 to the device + normalise there, vs float32 made on the host."""
   import jax
-  import jax.numpy as jnp
   images = np.random.default_rng(0).integers(0, 256, (batch, crop, crop, 3),
                                              dtype=np.uint8)
   mean = np.array(preprocessing.IMAGENET_MEAN, np.float32) * 255

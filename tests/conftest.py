@@ -66,6 +66,7 @@ def tiny_config(fashion_idx_dir, tfds_dir):
   config.data.manual_dir = str(fashion_idx_dir)
   config.data.data_dir = str(tfds_dir)
   config.data.num_workers = 0
+  config.model.name = 'vgg11'  # plain net A: the init-from-A tests need it
   config.model.width_multiplier = 1 / 16
   config.train.batch_size = 16
   config.train.eval_batch_size = 8

@@ -1,6 +1,5 @@
 """The model zoo against the paper (PAPER.md §1) and the model's contracts."""
 
-import re
 
 import jax
 import jax.numpy as jnp

@@ -119,11 +119,13 @@ def _params(workdir, checkpoint='latest'):
   return params
 
 
-def test_end_to_end_writes_metrics_and_checkpoints(tiny_config, tmp_path):
+def test_end_to_end_writes_metrics_and_checkpoints(tiny_config, tmp_path,
+                                                   monkeypatch):
   tiny_config.train.max_steps = 8
   tiny_config.train.eval_every_steps = 4
   workdir = tmp_path / 'run'
-  summary = train.train_and_evaluate(tiny_config, str(workdir))
+  monkeypatch.chdir(tmp_path)  # a relative workdir, as users type it
+  summary = train.train_and_evaluate(tiny_config, 'run')
   assert summary['step'] == 8 and summary['stopped'] == 'done'
   assert summary['val_count'] == 40  # the whole tiny test split, once
   assert 0 <= summary['val_top5'] <= 1 and summary['val_top1'] <= summary['val_top5']

@@ -39,6 +39,12 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the model the config asks for."""
 
 
+def absolute(path: str) -> str:
+  """Local paths made absolute (Orbax requires it); URLs (gs://) unchanged."""
+  path = str(path)
+  return path if '://' in path else os.path.abspath(path)
+
+
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes the run's config to ``workdir/config.json`` (host 0 only)."""
   if jax.process_index() != 0:
@@ -89,7 +95,7 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict
       best_fn=_top1, best_mode='max',
       enable_async_checkpointing=True, create=True)
   return ocp.CheckpointManager(
-      epath.Path(workdir) / CHECKPOINT_DIR, options=options,
+      epath.Path(absolute(workdir)) / CHECKPOINT_DIR, options=options,
       item_names=('state', 'meta', 'data'))
 
 
@@ -164,7 +170,7 @@ def _resolve_step(manager: ocp.CheckpointManager, checkpoint: str | int,
 def read_meta(workdir: str, checkpoint: str | int = 'latest'
               ) -> tuple[int, dict[str, Any]]:
   """The step and metadata of one checkpoint of a workdir."""
-  where = str(epath.Path(workdir) / CHECKPOINT_DIR)
+  where = str(epath.Path(absolute(workdir)) / CHECKPOINT_DIR)
   with ocp.CheckpointManager(where, item_names=('state', 'meta', 'data'),
                              options=ocp.CheckpointManagerOptions(
                                  read_only=True, best_fn=_top1,
@@ -194,7 +200,7 @@ def load_variables(path: str, checkpoint: str | int = 'latest'
     params, stats = _split_pure(state)
     return params, stats, meta
   step, meta = read_meta(path, checkpoint)
-  where = epath.Path(path) / CHECKPOINT_DIR / str(step) / 'state'
+  where = epath.Path(absolute(path)) / CHECKPOINT_DIR / str(step) / 'state'
   raw = _strip_variable_boxes(ocp.StandardCheckpointer().restore(where))
   meta = dict(meta, step=step)
   return raw['params'], raw.get('batch_stats', {}), meta
@@ -297,13 +303,3 @@ def _set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
   for p in parents:
     node = node[p]
   node[last] = value
-
-
-def latest_step(workdir: str) -> int | None:
-  """The latest complete checkpoint step of a workdir, or None."""
-  path = epath.Path(workdir) / CHECKPOINT_DIR
-  if not path.exists():
-    return None
-  steps = [int(p.name) for p in path.iterdir()
-           if p.name.isdigit() and not os.path.exists(str(p) + '.orbax-checkpoint-tmp')]
-  return max(steps) if steps else None

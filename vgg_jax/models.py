@@ -404,7 +404,13 @@ def create_model(name: str, *, rngs: nnx.Rngs | int = 0, **options) -> VGG:
                      f'options: {", ".join(MODEL_OPTIONS)}.')
   if isinstance(rngs, int):
     rngs = nnx.Rngs(params=rngs, dropout=rngs + 1)
-  return VGG(name, rngs=rngs, **{**_OPTION_DEFAULTS, **options})
+  options = {**_OPTION_DEFAULTS, **options}
+  _check_options(**{k: options[k] for k in (
+      'num_classes', 'dropout_rate', 'width_multiplier', 'fc6_kernel',
+      'in_channels')})
+  # One compiled initialiser instead of one dispatch per parameter: seconds
+  # instead of tens of seconds on a CPU, same values.
+  return nnx.jit(lambda r: VGG(name, rngs=r, **options))(rngs)
 
 
 def count_params(model: nnx.Module) -> int:

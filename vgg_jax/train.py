@@ -7,7 +7,6 @@ periodic validation driving the plateau schedule; and checkpoints every
 ``checkpoint_every_steps``, at each validation, on SIGTERM and at the end.
 """
 
-import math
 import signal
 import time
 from typing import Any, Callable
@@ -21,7 +20,6 @@ from absl import logging
 from clu import metric_writers
 from clu import metrics as clu_metrics
 from clu import periodic_actions
-from etils import epath
 from flax import nnx
 
 from vgg_jax import checkpointing
@@ -278,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     checkpointing.CheckpointMismatchError: the workdir's checkpoint was
       written for another model.
   """
-  workdir = str(workdir)
+  workdir = checkpointing.absolute(workdir)
   mesh = sharding.create_mesh()
   info = input_pipeline.get_dataset_info(config)
   _check_config(config, info, jax.device_count())
