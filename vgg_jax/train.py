@@ -17,13 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from clu import metrics as clu_metrics
-from clu import periodic_actions
 from flax import nnx
 
 from vgg_jax import checkpointing
-from vgg_jax import input_pipeline
 from vgg_jax import models
 from vgg_jax import optim
 from vgg_jax import preprocessing
@@ -276,6 +273,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     checkpointing.CheckpointMismatchError: the workdir's checkpoint was
       written for another model.
   """
+  # Imported here so the step functions above need neither TensorFlow (clu's
+  # writers import it) nor Grain/TFDS: a bare accelerator host can run them.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+  from vgg_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   workdir = checkpointing.absolute(workdir)
   mesh = sharding.create_mesh()
   info = input_pipeline.get_dataset_info(config)

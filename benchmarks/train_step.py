@@ -1,0 +1,446 @@
+"""Training-step throughput of vgg_jax, beside a Keras (TensorFlow) VGG.
+
+Times the project's own jitted training step (``train.make_train_step``: the
+forward pass, cross-entropy, backward pass, L2 decay and momentum update, with
+the state donated) on synthetic uint8 batches already on the device, so the
+input pipeline is not measured (``benchmarks/input_pipeline.py`` does that).
+Beside it, in the same process, the same-shaped Keras 3 VGG trained by
+``model.train_on_batch`` on TensorFlow, with XLA ``jit_compile`` off and on,
+and one large ``jnp`` matmul whose FLOP/s is the yardstick.
+
+FLOP convention: one training image costs 3 x the forward FLOPs (backward is
+about twice the forward), and forward FLOPs = 2 x ``models.count_macs`` (convs
+and FC layers only, as the paper's GMAC figures). So images/s x 6 x MACs is the
+"model FLOP/s"; XLA's own count of the compiled step is printed beside it as
+a check. MFU is model FLOP/s over ``--peak_tflops`` (e.g. 989 for an H100/H200
+SXM in dense bf16).
+
+CPU (the defaults there: batch 8, float32, VGG-A and VGG-D, Keras both ways)::
+
+    python benchmarks/train_step.py
+
+GPU/TPU (defaults: batch 256 over all devices, bfloat16, no Keras)::
+
+    python benchmarks/train_step.py --models=vgg16 --peak_tflops=989
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import platform
+import shlex
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Runnable as `python benchmarks/train_step.py` from a checkout that is not
+# pip-installed (e.g. a fresh GPU machine).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from vgg_jax import models
+from vgg_jax import optim
+from vgg_jax import preprocessing
+from vgg_jax import sharding
+from vgg_jax import train
+from vgg_jax.configs import base
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+KERAS_MODES = ('off', 'on', 'both', 'none')
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  """Command-line options; ``None`` defaults depend on the JAX backend."""
+  p = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument('--models', default='vgg11,vgg16',
+                 help='comma-separated vgg_jax model names')
+  p.add_argument('--batch_size', type=int, default=None,
+                 help='global batch (default: 8 on CPU, 256 on GPU/TPU)')
+  p.add_argument('--dtype', default=None,
+                 help='compute dtype (default: float32 on CPU, bfloat16 on '
+                      'GPU/TPU); parameters stay float32')
+  p.add_argument('--image_size', type=int, default=224,
+                 help='square crop side, a multiple of 32')
+  p.add_argument('--width_multiplier', type=float, default=1.0,
+                 help='scales every width (for smoke runs)')
+  p.add_argument('--steps', type=int, default=None,
+                 help='timed steps (default: 3 on CPU, 20 on GPU/TPU)')
+  p.add_argument('--warmup', type=int, default=None,
+                 help='untimed steps after compilation (default: 1 on CPU, '
+                      '3 on GPU/TPU)')
+  p.add_argument('--keras', default=None, choices=KERAS_MODES,
+                 help="Keras/TensorFlow-CPU side with jit_compile 'off', "
+                      "'on', 'both' or 'none' (default: both on CPU, none "
+                      'elsewhere)')
+  p.add_argument('--matmul_size', type=int, default=None,
+                 help='side of the square yardstick matmul (default: 4096 on '
+                      'CPU, 8192 on GPU/TPU)')
+  p.add_argument('--peak_tflops', type=float,
+                 default=float(os.environ.get('PEAK_TFLOPS', 0) or 0),
+                 help='hardware peak TFLOP/s in the compute dtype for MFU '
+                      '(env PEAK_TFLOPS; 0: no MFU column)')
+  p.add_argument('--max_load', type=float, default=0.75 * (os.cpu_count() or 1),
+                 help='wait while the 1-minute load average is above this')
+  p.add_argument('--load_retries', type=int, default=3,
+                 help='waits of --load_wait_s before measuring anyway')
+  p.add_argument('--load_wait_s', type=float, default=60.0)
+  p.add_argument('--require_accelerator', action='store_true',
+                 help='fail unless JAX sees a GPU or TPU')
+  p.add_argument('--seed', type=int, default=0)
+  args = p.parse_args(argv)
+
+  accel = jax.default_backend() != 'cpu'
+  if args.require_accelerator and not accel:
+    p.error('--require_accelerator: JAX sees no GPU/TPU (backend '
+            f'{jax.default_backend()!r}, devices {jax.devices()}).')
+  defaults = dict(batch_size=256 if accel else 8,
+                  dtype='bfloat16' if accel else 'float32',
+                  steps=20 if accel else 3, warmup=3 if accel else 1,
+                  keras='none' if accel else 'both',
+                  matmul_size=8192 if accel else 4096)
+  for k, v in defaults.items():
+    if getattr(args, k) is None:
+      setattr(args, k, v)
+  args.models = [m.strip() for m in args.models.split(',') if m.strip()]
+  for name in args.models:
+    if name not in models.MODEL_NAMES:
+      p.error(f'Unknown model {name!r}; valid: '
+              f'{", ".join(models.MODEL_NAMES)}.')
+    arch, batch_norm = models.parse_name(name)
+    if args.keras != 'none' and (batch_norm or arch.lrn):
+      p.error(f'--keras={args.keras}: there is no Keras twin of {name} (BN '
+              'or LRN); pass --keras=none.')
+  if args.image_size < 32 or args.image_size % 32:
+    p.error(f'--image_size={args.image_size} must be a positive multiple of '
+            '32 (FC-6 is a (size/32)-wide conv).')
+  if args.batch_size < 1 or args.batch_size % jax.device_count():
+    p.error(f'--batch_size={args.batch_size} must be a positive multiple of '
+            f'the {jax.device_count()} devices.')
+  if args.steps < 1 or args.warmup < 0:
+    p.error(f'--steps={args.steps} must be >= 1 and --warmup={args.warmup} '
+            '>= 0.')
+  try:
+    args.dtype = jnp.dtype(args.dtype).name
+  except TypeError:
+    p.error(f'--dtype={args.dtype!r} is not a dtype (e.g. float32, bfloat16).')
+  return args
+
+
+def load_average() -> float:
+  """The 1-minute load average (0 where the OS does not say)."""
+  try:
+    return os.getloadavg()[0]
+  except OSError:
+    return 0.0
+
+
+def wait_for_quiet_machine(max_load: float, retries: int, wait_s: float
+                           ) -> list[float]:
+  """Waits while other work loads the CPUs; returns the loads seen."""
+  seen = [load_average()]
+  for _ in range(retries):
+    if seen[-1] <= max_load:
+      break
+    print(f'# load {seen[-1]:.2f} > {max_load:.2f}: waiting {wait_s:.0f} s',
+          flush=True)
+    time.sleep(wait_s)
+    seen.append(load_average())
+  return seen
+
+
+def cpu_model() -> str:
+  """The processor's model name (lscpu's 'Model name')."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def time_steps(run: Callable[[], Any], warmup: int, steps: int) -> list[float]:
+  """Seconds of each of ``steps`` calls of ``run`` after ``warmup`` calls.
+
+  ``run`` must block until its work is done.
+  """
+  for _ in range(warmup):
+    run()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def matmul_flops(n: int, dtype: str, repeats: int = 5) -> float:
+  """FLOP/s of an ``n x n @ n x n`` jnp matmul (median of ``repeats``)."""
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+  f = jax.jit(jnp.matmul)
+  # On an accelerator one product takes about a millisecond: chain several
+  # per timing so dispatch does not count.
+  chain = 1 if jax.default_backend() == 'cpu' else 20
+
+  def run():
+    out = None
+    for _ in range(chain):
+      out = f(a, b)
+    jax.block_until_ready(out)
+  times = time_steps(run, warmup=2, steps=repeats)
+  return 2 * n ** 3 * chain / statistics.median(times)
+
+
+def xla_flops(compiled) -> float | None:
+  """XLA's FLOP count of a compiled computation, if the backend reports it."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops else None
+
+
+def bench_jax(name: str, args: argparse.Namespace) -> dict[str, Any]:
+  """Times ``train.make_train_step`` for one model; returns a result row."""
+  config = base.get_config()
+  config.model.name = name
+  config.model.dtype = args.dtype
+  config.model.width_multiplier = args.width_multiplier
+  config.model.fc6_kernel = args.image_size // 32
+  config.train.batch_size = args.batch_size
+  config.seed = args.seed
+  m = config.model
+  model = models.create_model(
+      name, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
+      num_classes=m.num_classes, dropout_rate=m.dropout_rate,
+      width_multiplier=m.width_multiplier, fc6_kernel=m.fc6_kernel,
+      init=m.init, dtype=m.dtype, param_dtype=m.param_dtype)
+  model.train()
+  num_params = models.count_params(model)
+  graphdef, params, batch_stats, rest = train.split_model(model)
+  tx = optim.create_optimizer(config, params)
+
+  mesh = sharding.create_mesh()
+  replicated = sharding.replicated(mesh)
+  batch_shd = sharding.batch_sharding(mesh)
+  state = jax.device_put(
+      dict(step=jnp.zeros((), jnp.int32), params=params,
+           batch_stats=batch_stats, opt_state=tx.init(params)), replicated)
+  del model, params, batch_stats
+
+  def normalize(images):
+    return preprocessing.normalize(images, config.input.normalization,
+                                   mean_rgb=tuple(config.input.mean_rgb))
+
+  rng = np.random.default_rng(args.seed)
+  size = (args.batch_size, args.image_size, args.image_size, 3)
+  batch = jax.device_put(dict(
+      image=rng.integers(0, 256, size, dtype=np.uint8),
+      label=rng.integers(0, m.num_classes, args.batch_size, dtype=np.int32)),
+                         batch_shd)
+  lr = np.float32(config.train.learning_rate)
+
+  step_fn = jax.jit(
+      train.make_train_step(graphdef, rest, tx, normalize, config.seed),
+      in_shardings=(replicated, batch_shd, None),
+      out_shardings=(replicated, None, None), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batch, lr).compile()
+  compile_s = time.perf_counter() - t0
+
+  def run():
+    nonlocal state
+    state, _, loss = compiled(state, batch, lr)
+    jax.block_until_ready((state, loss))
+    if not np.isfinite(float(loss)):
+      raise FloatingPointError(f'{name}: non-finite loss {float(loss)}.')
+
+  times = time_steps(run, args.warmup, args.steps)
+  macs = models.count_macs(name, args.image_size,
+                           width_multiplier=args.width_multiplier,
+                           num_classes=m.num_classes, fc6_kernel=m.fc6_kernel)
+  flops = xla_flops(compiled)
+  return dict(framework=f'vgg_jax (JAX {jax.__version__})', model=name,
+              dtype=args.dtype, params=num_params, compile_s=compile_s,
+              times=times, macs=macs, load=load_average(),
+              xla_flops_per_step=flops, batch=args.batch_size)
+
+
+def keras_vgg(name: str, image_size: int, num_classes: int,
+              width_multiplier: float):
+  """A Keras VGG with the same convs and FC layers as ``models.VGG``.
+
+  VGG-D at full width is ``keras.applications.VGG16``; other nets are built
+  layer by layer from ``models.ARCHITECTURES``. Keras's VGG has no dropout;
+  its cost is negligible.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  arch, batch_norm = models.parse_name(name)
+  if batch_norm or arch.lrn:
+    raise ValueError(f'No Keras twin for {name}: only plain VGG nets.')
+  shape = (image_size, image_size, 3)
+  if name == 'vgg16' and width_multiplier == 1.0:
+    return keras.applications.VGG16(
+        weights=None, input_shape=shape, classes=num_classes,
+        classifier_activation=None)
+  scaled = lambda w: max(1, int(round(w * width_multiplier)))
+  layers = [keras.Input(shape)]
+  for block in arch.blocks:
+    for w, k in block:
+      layers.append(keras.layers.Conv2D(scaled(w), k, padding='same',
+                                        activation='relu'))
+    layers.append(keras.layers.MaxPooling2D(2))
+  fc = scaled(models.FC_WIDTH)
+  layers += [keras.layers.Flatten(), keras.layers.Dense(fc, activation='relu'),
+             keras.layers.Dense(fc, activation='relu'),
+             keras.layers.Dense(num_classes)]
+  return keras.Sequential(layers, name=name)
+
+
+def bench_keras(name: str, jit_compile: bool, args: argparse.Namespace
+                ) -> dict[str, Any]:
+  """Times ``train_on_batch`` of the Keras twin of one model."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  config = base.get_config()
+  keras.utils.set_random_seed(args.seed)
+  model = keras_vgg(name, args.image_size, config.model.num_classes,
+                    args.width_multiplier)
+  model.compile(
+      optimizer=keras.optimizers.SGD(
+          learning_rate=config.train.learning_rate,
+          momentum=config.train.momentum,
+          weight_decay=config.train.weight_decay),
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      jit_compile=jit_compile)
+  rng = np.random.default_rng(args.seed)
+  size = (args.batch_size, args.image_size, args.image_size, 3)
+  x = tf.constant(rng.normal(0, 60, size).astype(np.float32))
+  y = tf.constant(rng.integers(0, config.model.num_classes, args.batch_size,
+                               dtype=np.int32))
+  # The first call traces (and with jit_compile, compiles) the train step.
+  t0 = time.perf_counter()
+  model.train_on_batch(x, y)
+  compile_s = time.perf_counter() - t0
+  times = time_steps(lambda: model.train_on_batch(x, y),
+                     max(0, args.warmup - 1), args.steps)
+  macs = models.count_macs(name, args.image_size,
+                           width_multiplier=args.width_multiplier,
+                           num_classes=config.model.num_classes,
+                           fc6_kernel=args.image_size // 32)
+  num_params = int(model.count_params())
+  keras.backend.clear_session()
+  return dict(
+      framework=(f'Keras {keras.__version__} / TF {tf.__version__}, '
+                 f'jit_compile={"on" if jit_compile else "off"}'),
+      model=name, dtype='float32', params=num_params, compile_s=compile_s,
+      times=times, macs=macs, load=load_average(), xla_flops_per_step=None,
+      batch=args.batch_size)
+
+
+def format_table(rows: list[dict[str, Any]], matmul: dict[str, float],
+                 peak_tflops: float) -> str:
+  """The results as a markdown table."""
+  head = ['framework', 'model', 'batch', 'dtype', 'params', 'compile s',
+          'step ms (median)', 'images/s', 'model TFLOP/s',
+          '% of matmul FLOP/s', 'XLA TFLOP/step', 'load']
+  if peak_tflops:
+    head.append(f'MFU (peak {peak_tflops:g} TFLOP/s)')
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for r in rows:
+    t = statistics.median(r['times'])
+    ips = r['batch'] / t
+    model_flops = 6 * r['macs'] * ips
+    ref = matmul.get(r['dtype'])
+    cells = [r['framework'], r['model'], str(r['batch']), r['dtype'],
+             f'{r["params"]:,}', f'{r["compile_s"]:.1f}', f'{1e3 * t:.1f}',
+             f'{ips:.2f}', f'{model_flops / 1e12:.4g}',
+             f'{100 * model_flops / ref:.0f}%' if ref else '-',
+             (f'{r["xla_flops_per_step"] / 1e12:.4g}'
+              if r['xla_flops_per_step'] else '-'), f'{r["load"]:.1f}']
+    if peak_tflops:
+      cells.append(f'{100 * model_flops / (peak_tflops * 1e12):.1f}%')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  args = parse_args(argv)
+  devices = jax.devices()
+  command = [os.path.basename(sys.executable), *sys.argv]
+  print(f'# command: {shlex.join(command)}')
+  print(f'# host CPU: {cpu_model()}, {os.cpu_count()} logical CPUs')
+  print(f'# JAX {jax.__version__} backend {jax.default_backend()}: '
+        f'{len(devices)} x {devices[0].device_kind}')
+  loads = wait_for_quiet_machine(args.max_load, args.load_retries,
+                                 args.load_wait_s)
+  print(f'# 1-min load average before measuring: '
+        f'{", ".join(f"{x:.2f}" for x in loads)}', flush=True)
+  t_start = time.perf_counter()
+
+  # The matmul runs before and after the models; the faster of the two is
+  # the yardstick, so a burst of other work on the machine does not lower it.
+  matmul: dict[str, float] = {}
+
+  def measure_matmul(when: str) -> None:
+    for dtype in dict.fromkeys(['float32', args.dtype]):
+      flops = matmul_flops(args.matmul_size, dtype)
+      matmul[dtype] = max(matmul.get(dtype, 0.0), flops)
+      print(f'# {args.matmul_size}^2 {dtype} jnp matmul ({when}): '
+            f'{flops / 1e12:.3f} TFLOP/s (load {load_average():.2f})',
+            flush=True)
+
+  measure_matmul('before')
+  keras_modes = {'off': [False], 'on': [True], 'both': [False, True],
+                 'none': []}[args.keras]
+  rows = []
+  for name in args.models:
+    rows.append(bench_jax(name, args))
+    print(format_table(rows[-1:], matmul, args.peak_tflops).splitlines()[-1],
+          flush=True)
+    for jit_compile in keras_modes:
+      rows.append(bench_keras(name, jit_compile, args))
+      print(format_table(rows[-1:], matmul, args.peak_tflops).splitlines()[-1],
+            flush=True)
+  measure_matmul('after')
+  for dtype, flops in matmul.items():
+    print(f'# matmul yardstick {dtype}: {flops / 1e12:.3f} TFLOP/s')
+
+  print()
+  print(format_table(rows, matmul, args.peak_tflops))
+  print()
+  print(f'# {args.steps} timed steps after {args.warmup} warm-up step(s), '
+        'median; model FLOPs = 6 x forward MACs x batch; % of matmul compares '
+        'with the jnp matmul in the same dtype; load: 1-min load average '
+        'after the timed steps.')
+  print(f'# 1-min load average after measuring: {load_average():.2f}; '
+        f'benchmark wall time {time.perf_counter() - t_start:.0f} s')
+  for r in rows:
+    if r['framework'].startswith('vgg_jax'):
+      ips = r['batch'] / statistics.median(r['times'])
+      mfu = ''
+      if args.peak_tflops:
+        util = 6 * r['macs'] * ips / (args.peak_tflops * 1e12)
+        mfu = f', MFU {100 * util:.1f}% of {args.peak_tflops:g} TFLOP/s'
+      print(f'RESULT {r["model"]} {r["dtype"]} batch {r["batch"]} on '
+            f'{jax.device_count()} x {jax.devices()[0].device_kind}: '
+            f'{ips:.1f} images/s{mfu}')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
