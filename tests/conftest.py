@@ -1,12 +1,12 @@
 """Shared fixtures: a tiny Fashion-MNIST-format dataset and tiny configs."""
 
-import gzip
 import importlib.util
 import pathlib
-import struct
 
 import numpy as np
 import pytest
+
+from vgg_jax.datasets import testing
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -19,17 +19,6 @@ def load_config(name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
-
-
-def write_idx(directory, prefix, images, labels):
-  """Writes IDX files as Zalando publishes them (gzipped, big-endian)."""
-  n, rows, cols = images.shape
-  with gzip.open(directory / f'{prefix}-images-idx3-ubyte.gz', 'wb') as f:
-    f.write(struct.pack('>IIII', 0x803, n, rows, cols))
-    f.write(images.astype(np.uint8).tobytes())
-  with gzip.open(directory / f'{prefix}-labels-idx1-ubyte.gz', 'wb') as f:
-    f.write(struct.pack('>II', 0x801, n))
-    f.write(labels.astype(np.uint8).tobytes())
 
 
 def learnable_images(n, seed):
@@ -48,8 +37,8 @@ def learnable_images(n, seed):
 def fashion_idx_dir(tmp_path_factory):
   """A directory with tiny train (160) / t10k (40) IDX files."""
   d = tmp_path_factory.mktemp('fashion_idx')
-  write_idx(d, 'train', *learnable_images(160, 0))
-  write_idx(d, 't10k', *learnable_images(40, 1))
+  testing.write_idx_files(d, {'train': learnable_images(160, 0),
+                              'test': learnable_images(40, 1)})
   return d
 
 

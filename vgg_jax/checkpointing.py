@@ -130,20 +130,20 @@ def check_compatible(saved_model: dict[str, Any],
 
 def restore_args(abstract_state: Any, data_iterator: Any | None):
   """Composite restore args for ``state``, ``meta`` and (optionally) ``data``."""
-  import grain  # pylint: disable=g-import-not-at-top
+  from vgg_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   items = dict(state=ocp.args.StandardRestore(abstract_state),
                meta=ocp.args.JsonRestore())
   if data_iterator is not None:
-    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    items['data'] = input_pipeline.checkpoint_restore_args(data_iterator)
   return ocp.args.Composite(**items)
 
 
 def save_args(state: Any, meta: dict[str, Any], data_iterator: Any | None):
   """Composite save args for ``state``, ``meta`` and (optionally) ``data``."""
-  import grain  # pylint: disable=g-import-not-at-top
+  from vgg_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
   if data_iterator is not None:
-    items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    items['data'] = input_pipeline.checkpoint_save_args(data_iterator)
   return ocp.args.Composite(**items)
 
 
@@ -231,8 +231,7 @@ def _split_pure(state: dict[str, Any]):
   return params, stats
 
 
-def load_model(path: str, *, checkpoint: str | int = 'latest',
-               config_overrides: dict[str, Any] | None = None
+def load_model(path: str, *, checkpoint: str | int = 'latest'
                ) -> tuple[models.VGG, ml_collections.ConfigDict, dict[str, Any]]:
   """A model ready for inference from a training workdir or pretrained dir.
 
@@ -240,8 +239,6 @@ def load_model(path: str, *, checkpoint: str | int = 'latest',
     path: a training workdir (``config.json`` + ``checkpoints/``) or a
       directory written by ``python -m vgg_jax.convert``.
     checkpoint: for workdirs: ``latest``, ``best`` or a step number.
-    config_overrides: flat ``{'input.eval_scales': (256,), ...}`` overrides
-      applied to the run's config.
 
   Returns:
     ``(model, config, metadata)``; the model is in eval mode; ``metadata`` has
@@ -268,9 +265,7 @@ def load_model(path: str, *, checkpoint: str | int = 'latest',
     pure = state.to_pure_dict()
     _merge_into(pure, params, path)
     _merge_into(pure, stats, path)
-    model = nnx.merge(graphdef, _pure_to_state(state, pure))
-  for key, value in (config_overrides or {}).items():
-    _set_field(config, key, value)
+    model = nnx.merge(graphdef, state_from_pure(state, pure))
   model.eval()
   return model, config, meta
 
@@ -291,15 +286,8 @@ def _merge_into(target: dict, source: dict, where: str, prefix=()) -> None:
       target[key] = v
 
 
-def _pure_to_state(state: nnx.State, pure: dict) -> nnx.State:
-  state = jax.tree.map(lambda x: x, state)  # a copy to fill
+def state_from_pure(state: nnx.State, pure: dict) -> nnx.State:
+  """A copy of ``state`` holding the arrays of the nested dict ``pure``."""
+  state = jax.tree.map(lambda x: x, state)
   nnx.replace_by_pure_dict(state, pure)
   return state
-
-
-def _set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
-  node = config
-  *parents, last = dotted.split('.')
-  for p in parents:
-    node = node[p]
-  node[last] = value

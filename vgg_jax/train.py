@@ -160,9 +160,11 @@ def init_from(model: models.VGG, config: ml_collections.ConfigDict) -> list[str]
       _copy_layer(params, target, norm, path)
       _copy_layer(stats, target_stats, norm, path)
     copied.append(layer)
-  nnx.update(model, _as_state(nnx.state(model, nnx.Param), target))
+  nnx.update(model, checkpointing.state_from_pure(
+      nnx.state(model, nnx.Param), target))
   if target_stats:
-    nnx.update(model, _as_state(nnx.state(model, nnx.BatchStat), target_stats))
+    nnx.update(model, checkpointing.state_from_pure(
+        nnx.state(model, nnx.BatchStat), target_stats))
   logging.info('init_from %s (%s, step %s): copied %s; the rest is random.',
                path, src_name, meta.get('step'), ', '.join(copied))
   return copied
@@ -194,11 +196,6 @@ def _copy_layer(src: dict, dst: dict, layer: str, where: str) -> None:
           f'init_from {where}: {layer}.{name} has shape {np.shape(s[name])}, '
           f'the model wants {np.shape(d[name])}.')
     d[name] = jnp.asarray(s[name], d[name].dtype)
-
-
-def _as_state(template: nnx.State, pure: dict) -> nnx.State:
-  nnx.replace_by_pure_dict(template, pure)
-  return template
 
 
 class _Preemption:
