@@ -453,7 +453,7 @@ def test_cli_rejects_bad_arguments_clearly(loop, tmp_path):
   run = _save_run(tmp_path / 'run', model, config)
   with pytest.raises(ValueError, match='Unknown protocol'):
     evaluate.main([f'--workdir={run}', '--protocol=dence'])
-  with pytest.raises(ValueError, match='smaller than crop_size'):
+  with pytest.raises(ValueError, match='smaller than the crop'):
     evaluate.main([f'--workdir={run}', '--scales=16'])
   with pytest.raises(ValueError, match='Unknown config field'):
     evaluate.main([f'--workdir={run}', '--config.data.dir=x'])

@@ -77,7 +77,7 @@ def test_dense_prediction_is_the_papers_recipe(member):
                              atol=1e-6)
   crop = predict.Predictor(member, protocol='center_crop', scales=(40,))
   assert np.abs(crop(image) - got).max() > 1e-4  # a different protocol
-  with pytest.raises(ValueError, match='smaller than crop_size'):
+  with pytest.raises(ValueError, match='smaller than the crop'):
     predict.Predictor(member, scales=(16,))
   with pytest.raises(ValueError, match='Unknown protocol'):
     predict.Predictor(member, protocol='multi_crop')

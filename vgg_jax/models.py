@@ -75,6 +75,92 @@ INIT_SCHEMES = ('normal', 'glorot', 'he')
 FC_WIDTH = 4096
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+  """Every ``create_model`` option with its default: the one source of both.
+
+  Configs (``config.model``), checkpoint metadata and pretrained dirs record
+  these fields next to the model name; ``ARCHITECTURE_FIELDS`` are the ones
+  that change parameter shapes.
+
+  Attributes:
+    num_classes: width of FC-8.
+    dropout_rate: dropout after FC-6 and FC-7 (paper: 0.5).
+    width_multiplier: scales every conv width and the FC-6/FC-7 width (1.0 is
+      the paper; e.g. 0.125 for laptop experiments).
+    fc6_kernel: FC-6 kernel size: 7 for 224 crops (224 / 32), 1 for 32 crops.
+    init: kernel initialisation, one of ``INIT_SCHEMES``; biases are zero.
+    dtype: compute dtype (e.g. ``'bfloat16'``).
+    param_dtype: storage dtype of the parameters.
+    in_channels: input channels (3 for RGB).
+  """
+  num_classes: int = 1000
+  dropout_rate: float = 0.5
+  width_multiplier: float = 1.0
+  fc6_kernel: int = 7
+  init: str = 'normal'
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  in_channels: int = 3
+
+  def __post_init__(self):
+    for field in ('num_classes', 'fc6_kernel', 'in_channels'):
+      v = getattr(self, field)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f'Bad {field} {v!r}: must be a positive integer.')
+    if not 0.0 <= float(self.dropout_rate) < 1.0:
+      raise ValueError(f'Bad dropout_rate {self.dropout_rate!r}: must be in '
+                       '[0, 1).')
+    if not float(self.width_multiplier) > 0:
+      raise ValueError(f'Bad width_multiplier {self.width_multiplier!r}: '
+                       'must be > 0.')
+    if self.init not in INIT_SCHEMES:
+      raise ValueError(f'Unknown init scheme {self.init!r}; valid: '
+                       f'{", ".join(INIT_SCHEMES)}.')
+    for field in ('dtype', 'param_dtype'):
+      try:
+        # Stored as the canonical name so metadata compares equal.
+        object.__setattr__(self, field, str(jnp.dtype(getattr(self, field))))
+      except TypeError:
+        raise ValueError(f'Bad {field} {getattr(self, field)!r}: not a dtype '
+                         '(e.g. "float32", "bfloat16").') from None
+
+  @classmethod
+  def create(cls, **options) -> 'ModelOptions':
+    """Options from keywords; unknown names are a ValueError listing valid ones."""
+    unknown = sorted(set(options) - set(MODEL_OPTIONS))
+    if unknown:
+      raise ValueError(f'Unknown model option(s) {", ".join(unknown)}; valid '
+                       f'options: {", ".join(MODEL_OPTIONS)}.')
+    return cls(**options)
+
+  @classmethod
+  def from_config(cls, model_config: Mapping[str, Any]) -> 'ModelOptions':
+    """The options of a ``config.model`` section (or metadata ``model`` entry).
+
+    Fields it lacks take their defaults; ``name`` and fields that are not
+    model options are ignored.
+    """
+    return cls(**{k: v for k, v in dict(model_config).items()
+                  if k in MODEL_OPTIONS})
+
+  def as_dict(self) -> dict[str, Any]:
+    """``create_model`` keyword arguments."""
+    return dataclasses.asdict(self)
+
+  def scaled(self, width: int) -> int:
+    """A paper width scaled by ``width_multiplier`` (at least 1)."""
+    return max(1, int(round(width * self.width_multiplier)))
+
+
+MODEL_OPTIONS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(ModelOptions))
+# Options that change the parameter shapes: a checkpoint only loads into a
+# model that agrees on all of them (and on the name).
+ARCHITECTURE_FIELDS = ('num_classes', 'width_multiplier', 'fc6_kernel',
+                       'in_channels')
+
+
 def parse_name(name: str) -> tuple[Architecture, bool]:
   """Splits a model name into its architecture and whether it uses batch norm.
 
@@ -156,14 +242,6 @@ def initializer(scheme: str):
                    f'{", ".join(INIT_SCHEMES)}.')
 
 
-def _dtype(value, what: str):
-  try:
-    return jnp.dtype(value)
-  except TypeError as e:
-    raise ValueError(f'Bad {what} {value!r}: not a dtype (e.g. "float32", '
-                     '"bfloat16").') from e
-
-
 class ConvBlock(nnx.Module):
   """Convs (each optionally followed by BN) with ReLU, then a 2x2/2 max-pool."""
 
@@ -211,40 +289,27 @@ class VGG(nnx.Module):
   Use ``model.train()`` / ``model.eval()`` to switch dropout and batch norm.
   """
 
-  def __init__(self, name: str = 'vgg16', *, num_classes: int = 1000,
-               dropout_rate: float = 0.5, width_multiplier: float = 1.0,
-               fc6_kernel: int = 7, init: str = 'normal', dtype: Any = 'float32',
-               param_dtype: Any = 'float32', in_channels: int = 3,
-               rngs: nnx.Rngs):
+  def __init__(self, name: str = 'vgg16', *, rngs: nnx.Rngs, **options):
     """Builds the network.
 
     Args:
       name: one of ``MODEL_NAMES``.
-      num_classes: width of FC-8.
-      dropout_rate: dropout after FC-6 and FC-7 (paper: 0.5).
-      width_multiplier: scales every conv width and the FC-6/FC-7 width (1.0
-        is the paper; e.g. 0.125 for laptop experiments).
-      fc6_kernel: FC-6 kernel size: 7 for 224 crops (224 / 32), 1 for 32 crops.
-      init: kernel initialisation, one of ``INIT_SCHEMES``; biases are zero.
-      dtype: compute dtype (e.g. ``'bfloat16'``).
-      param_dtype: storage dtype of the parameters.
-      in_channels: input channels (3 for RGB).
       rngs: random streams; ``params`` initialises, ``dropout`` drives dropout.
+      **options: fields of ``ModelOptions`` (defaults there): ``num_classes``,
+        ``dropout_rate``, ``width_multiplier``, ``fc6_kernel``, ``init``,
+        ``dtype``, ``param_dtype``, ``in_channels``.
     """
     arch, batch_norm = parse_name(name)
-    _check_options(num_classes=num_classes, dropout_rate=dropout_rate,
-                   width_multiplier=width_multiplier, fc6_kernel=fc6_kernel,
-                   in_channels=in_channels)
-    dtype = _dtype(dtype, 'dtype')
-    param_dtype = _dtype(param_dtype, 'param_dtype')
-    kernel_init = initializer(init)
+    opts = ModelOptions.create(**options)
+    dtype, param_dtype = jnp.dtype(opts.dtype), jnp.dtype(opts.param_dtype)
+    kernel_init = initializer(opts.init)
+    num_classes, in_channels = opts.num_classes, opts.in_channels
     self.name = name
     self.architecture = arch
     self.batch_norm = batch_norm
     self.num_classes = num_classes
 
-    def scaled(w):
-      return max(1, int(round(w * width_multiplier)))
+    scaled = opts.scaled
 
     blocks, c = [], in_channels
     for b, layers in enumerate(arch.blocks):
@@ -260,10 +325,10 @@ class VGG(nnx.Module):
         i, o, (k, k), padding='VALID', dtype=dtype, param_dtype=param_dtype,
         kernel_init=kernel_init, bias_init=nnx.initializers.zeros_init(),
         rngs=rngs)
-    self.fc6 = conv(c, fc, fc6_kernel)
+    self.fc6 = conv(c, fc, opts.fc6_kernel)
     self.fc7 = conv(fc, fc, 1)
     self.fc8 = conv(fc, num_classes, 1)
-    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+    self.dropout = nnx.Dropout(opts.dropout_rate, rngs=rngs)
     self.dtype = dtype
 
   def features(self, x: jax.Array, *, valid_size: jax.Array | None = None,
@@ -361,26 +426,6 @@ def valid_mask(valid_size: jax.Array, shape: Sequence[int], stride: int
   return rows[:, :, None] & cols[:, None, :]
 
 
-_OPTION_DEFAULTS = dict(num_classes=1000, dropout_rate=0.5,
-                        width_multiplier=1.0, fc6_kernel=7, init='normal',
-                        dtype='float32', param_dtype='float32', in_channels=3)
-MODEL_OPTIONS: tuple[str, ...] = tuple(_OPTION_DEFAULTS)
-
-
-def _check_options(*, num_classes, dropout_rate, width_multiplier, fc6_kernel,
-                   in_channels):
-  def positive_int(v, what):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-      raise ValueError(f'Bad {what} {v!r}: must be a positive integer.')
-  positive_int(num_classes, 'num_classes')
-  positive_int(fc6_kernel, 'fc6_kernel')
-  positive_int(in_channels, 'in_channels')
-  if not 0.0 <= float(dropout_rate) < 1.0:
-    raise ValueError(f'Bad dropout_rate {dropout_rate!r}: must be in [0, 1).')
-  if not float(width_multiplier) > 0:
-    raise ValueError(f'Bad width_multiplier {width_multiplier!r}: must be > 0.')
-
-
 def create_model(name: str, *, rngs: nnx.Rngs | int = 0, **options) -> VGG:
   """Builds a VGG net by name.
 
@@ -398,16 +443,9 @@ def create_model(name: str, *, rngs: nnx.Rngs | int = 0, **options) -> VGG:
     ValueError: unknown name, unknown option or bad option value.
   """
   parse_name(name)
-  unknown = sorted(set(options) - set(MODEL_OPTIONS))
-  if unknown:
-    raise ValueError(f'Unknown model option(s) {", ".join(unknown)}; valid '
-                     f'options: {", ".join(MODEL_OPTIONS)}.')
+  options = ModelOptions.create(**options).as_dict()
   if isinstance(rngs, int):
     rngs = nnx.Rngs(params=rngs, dropout=rngs + 1)
-  options = {**_OPTION_DEFAULTS, **options}
-  _check_options(**{k: options[k] for k in (
-      'num_classes', 'dropout_rate', 'width_multiplier', 'fc6_kernel',
-      'in_channels')})
   # One compiled initialiser instead of one dispatch per parameter: seconds
   # instead of tens of seconds on a CPU, same values.
   return nnx.jit(lambda r: VGG(name, rngs=r, **options))(rngs)
@@ -439,7 +477,7 @@ def count_macs(name: str, image_size: int = 224, *, width_multiplier: float = 1.
     fc6_kernel: as in ``VGG``.
   """
   arch, _ = parse_name(name)
-  scaled = lambda w: max(1, int(round(w * width_multiplier)))
+  scaled = ModelOptions(width_multiplier=width_multiplier).scaled
   macs, c, side = 0, 3, image_size
   for layers in arch.blocks:
     for w, k in layers:

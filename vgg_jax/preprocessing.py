@@ -20,19 +20,22 @@ normalisation a checkpoint expects (``NORMALIZATIONS``).
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
-from vgg_jax.configs.base import IMAGENET_MEAN_RGB
-
 NORMALIZATIONS = ('mean_rgb', 'imagenet_mean_std', 'caffe_bgr')
+
+# Mean RGB of the ILSVRC-2012 training set on a 0-255 scale (the paper
+# subtracts only this; values as in the released Caffe models).
+IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
 
 # torchvision's ImageNet statistics on RGB in [0, 1].
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -259,6 +262,24 @@ def crop_rescaled(image: Image.Image, *, scale: int,
                       box=source_box)
 
 
+def check_scale(scale: int | Sequence[int], crop_size: int,
+                what: str = 'Scale') -> None:
+  """Raises ValueError unless every scale (smallest side) is at least the crop.
+
+  Args:
+    scale: one scale S or Q, or several.
+    crop_size: the crop (and the net's smallest input) side.
+    what: names the scales in the message (e.g. ``'Test scale'``).
+  """
+  scales = [scale] if isinstance(scale, (int, np.integer)) else list(scale)
+  small = [int(q) for q in scales if q < crop_size]
+  if small:
+    raise ValueError(
+        f'{what} {small[0] if len(small) == 1 else small} is smaller than '
+        f'the crop (crop_size={crop_size}): the smallest side must be at '
+        'least the crop (and the net\'s input) size.')
+
+
 def random_crop(image: Image.Image, *, scale: int, crop_size: int,
                 rng: np.random.Generator, interpolation: str = 'bilinear'
                 ) -> Image.Image:
@@ -274,8 +295,7 @@ def random_crop(image: Image.Image, *, scale: int, crop_size: int,
   Returns:
     The ``crop_size x crop_size`` crop.
   """
-  if scale < crop_size:
-    raise ValueError(f'Scale {scale} is smaller than the crop {crop_size}.')
+  check_scale(scale, crop_size)
   width, height = rescaled_size(image.size, scale)
   top = int(rng.integers(0, height - crop_size + 1))
   left = int(rng.integers(0, width - crop_size + 1))
@@ -297,8 +317,7 @@ def center_crop(image: Image.Image, *, scale: int, crop_size: int,
   Returns:
     The ``crop_size x crop_size`` crop.
   """
-  if scale < crop_size:
-    raise ValueError(f'Scale {scale} is smaller than the crop {crop_size}.')
+  check_scale(scale, crop_size, 'Test scale')
   width, height = rescaled_size(image.size, scale)
   # Rounded like torchvision's CenterCrop.
   top = int(round((height - crop_size) / 2.0))
@@ -422,3 +441,21 @@ def normalize(images: jnp.ndarray, normalization: str = 'mean_rgb',
     raise ValueError(f'Unknown normalization {normalization!r}; valid: '
                      f'{", ".join(NORMALIZATIONS)}.')
   return x.astype(dtype)
+
+
+def normalizer(normalization: str = 'mean_rgb',
+               mean_rgb: Sequence[float] | None = None
+               ) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """``normalize`` bound to one normalisation (checked now, not at trace time).
+
+  Args:
+    normalization: one of ``NORMALIZATIONS``.
+    mean_rgb: the 0-255 mean for ``'mean_rgb'``; None: ``IMAGENET_MEAN_RGB``.
+  """
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f'Unknown normalization {normalization!r}; valid: '
+                     f'{", ".join(NORMALIZATIONS)}.')
+  mean = IMAGENET_MEAN_RGB if mean_rgb is None else tuple(
+      float(v) for v in mean_rgb)
+  return functools.partial(normalize, normalization=normalization,
+                           mean_rgb=mean)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import json
 import re
 import shutil
@@ -181,11 +180,6 @@ def describe_differences(expected: Mapping[Any, tuple[int, ...]],
               f'expected {tuple(expected[k])}'))
 
 
-def _option_defaults() -> dict[str, Any]:
-  params = inspect.signature(models.VGG.__init__).parameters
-  return {k: params[k].default for k in models.MODEL_OPTIONS}
-
-
 def make_metadata(name: str, *, normalization: str,
                   mean_rgb=None, class_names=None, source: str = 'vgg_jax',
                   source_file: str | None = None, sha256: str | None = None,
@@ -211,13 +205,7 @@ def make_metadata(name: str, *, normalization: str,
     ValueError: bad name, option, normalization or class-name count.
   """
   models.parse_name(name)
-  unknown = sorted(set(options) - set(models.MODEL_OPTIONS))
-  if unknown:
-    raise ValueError(f'Unknown model option(s) {", ".join(unknown)}; valid: '
-                     f'{", ".join(models.MODEL_OPTIONS)}.')
-  full = {**_option_defaults(), **options}
-  full['dtype'] = str(jnp.dtype(full['dtype']))
-  full['param_dtype'] = str(jnp.dtype(full['param_dtype']))
+  full = models.ModelOptions.create(**options).as_dict()
   if normalization not in NORMALIZATIONS:
     raise ValueError(f'Unknown normalization {normalization!r}; valid: '
                      f'{", ".join(NORMALIZATIONS)}.')

@@ -14,9 +14,7 @@ Fields can be overridden on the command line: `--config.train.batch_size=128`.
 
 import ml_collections
 
-# Mean RGB of the ILSVRC-2012 training set on a 0-255 scale (the paper
-# subtracts only this; values as in the released Caffe models).
-IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
+from vgg_jax.preprocessing import IMAGENET_MEAN_RGB
 
 
 def get_config() -> ml_collections.ConfigDict:
