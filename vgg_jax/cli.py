@@ -23,6 +23,7 @@ what the user set with ``apply_config_overrides``.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Callable, Sequence
 
@@ -40,7 +41,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError,
                NotADirectoryError, PermissionError, ImportError)
 
 DefineFlags = Callable[[flags.FlagValues], None]
-Main = Callable[[flags.FlagValues], 'int | None']
+# main(flag_values) or, for programs taking positional arguments (file
+# names), main(flag_values, args).
+Main = Callable[..., 'int | None']
 
 
 def program_name() -> str:
@@ -56,52 +59,89 @@ def error_line(error: BaseException, program: str | None = None) -> str:
   return f'{program or program_name()}: error: {message}'
 
 
-def _guarded(main: Main, flag_values: flags.FlagValues) -> int:
+def _guarded(main: Main, flag_values: flags.FlagValues,
+             args: Sequence[str] | None) -> int:
   try:
-    return int(main(flag_values) or 0)
+    status = main(flag_values) if args is None else main(flag_values, args)
+    return int(status or 0)
   except USER_ERRORS as e:
     logging.flush()
     print(error_line(e), file=sys.stderr)
     return 1
 
 
-def run(define_flags: DefineFlags, main: Main) -> None:
+def run(define_flags: DefineFlags, main: Main, *,
+        positional: bool = False) -> None:
   """Runs a program under ``absl.app.run`` with the project's error style.
 
   Args:
     define_flags: registers the program's flags on the given ``FlagValues``.
     main: the program; returns its exit status (None: 0).
+    positional: the program takes positional arguments, passed to
+      ``main(flag_values, args)``; otherwise any is a usage error.
   """
-  define_flags(flags.FLAGS)
-
-  def absl_main(argv: Sequence[str]) -> int:
-    if len(argv) > 1:
-      raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-    return _guarded(main, flags.FLAGS)
-
-  app.run(absl_main)
+  try:
+    _define(define_flags, flags.FLAGS, sys.argv)
+  except flags.Error as e:
+    sys.exit(error_line(e))
+  app.run(functools.partial(_absl_main, main, positional))
 
 
-def call(define_flags: DefineFlags, main: Main,
-         argv: Sequence[str]) -> int:
+def _define(define_flags: DefineFlags, flag_values: flags.FlagValues,
+            argv: Sequence[str]) -> None:
+  """``define_flags``, with config_flags' errors for unknown fields as flags.Error."""
+  try:
+    define_flags(flag_values)
+  except (AttributeError, KeyError) as e:
+    # config_flags looks every --config.a.b up in the config when the flag is
+    # defined; a field that does not exist surfaces here.
+    unknown = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    if not unknown:
+      raise
+    raise flags.Error(f'Unknown config field among {", ".join(unknown)} '
+                      f'({e}); fields are listed in vgg_jax/configs/base.py.'
+                      ) from None
+
+
+def _absl_main(main: Main, positional: bool, argv: Sequence[str]) -> int:
+  args = list(argv[1:])
+  if args and not positional:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(args)}')
+  return _guarded(main, flags.FLAGS, args if positional else None)
+
+
+def call(define_flags: DefineFlags, main: Main, argv: Sequence[str], *,
+         positional: bool = False) -> int:
   """Runs a program in-process on its own flags (tests, notebooks).
 
   Args:
     define_flags: as for ``run``.
     main: as for ``run``.
     argv: the arguments after the program name.
+    positional: as for ``run``.
 
   Returns:
     The exit status: 0 on success, 1 after a one-line user error.
   """
   flag_values = flags.FlagValues()
-  define_flags(flag_values)
+  # config_flags registers one flag per --config.field it finds in sys.argv
+  # when the config flag is defined, so the definitions must see this argv.
+  saved, sys.argv = sys.argv, ['prog', *argv]
   try:
-    flag_values(['prog', *argv])
+    _define(define_flags, flag_values, sys.argv)
   except flags.Error as e:
     print(error_line(e), file=sys.stderr)
     return 1
-  return _guarded(main, flag_values)
+  finally:
+    sys.argv = saved
+  try:
+    args = flag_values(['prog', *argv])[1:]
+    if args and not positional:
+      raise flags.Error(f'Unexpected arguments: {" ".join(args)}')
+  except flags.Error as e:
+    print(error_line(e), file=sys.stderr)
+    return 1
+  return _guarded(main, flag_values, args if positional else None)
 
 
 def define_config_overrides(flag_values: flags.FlagValues) -> None:
