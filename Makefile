@@ -9,7 +9,7 @@ WORKDIR ?= workdirs/quickstart
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test quickstart fashion-mnist clean
+.PHONY: install test test-fast quickstart fashion-mnist clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) tests
+
+# The edit-test loop: everything but the end-to-end runs marked slow.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m 'not slow' tests
 
 fashion-mnist:
 	@if [ ! -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ]; then \

@@ -84,7 +84,16 @@ def run(define_flags: DefineFlags, main: Main, *,
     _define(define_flags, flags.FLAGS, sys.argv)
   except flags.Error as e:
     sys.exit(error_line(e))
-  app.run(functools.partial(_absl_main, main, positional))
+  app.run(functools.partial(_absl_main, main, positional),
+          flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing with a bad value reported in the one-line style."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(error_line(e) + ' (see --helpfull)')
 
 
 def _define(define_flags: DefineFlags, flag_values: flags.FlagValues,
