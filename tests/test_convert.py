@@ -11,14 +11,20 @@ import pathlib
 import subprocess
 import sys
 
+from absl import flags
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 from safetensors.numpy import save_file
 
+from vgg_jax import cli
 from vgg_jax import convert
+from vgg_jax import layouts
+from vgg_jax import models
 from vgg_jax import preprocessing
 from vgg_jax import pretrained
+from vgg_jax import trees
+from vgg_jax import weight_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # 1/16 width keeps FC-6 a 7x7 conv over a 224 image (the flatten order
@@ -180,23 +186,23 @@ def run_cli(*args):
 # ------------------------------------------------------------------ tests ---
 
 
-@pytest.mark.parametrize('name', convert.SUPPORTED_MODELS['torchvision'])
+@pytest.mark.parametrize('name', layouts.SUPPORTED_MODELS['torchvision'])
 def test_torch_layouts_match_torchvision_and_timm(name):
-  assert convert.expected_source_shapes('torchvision', name) == torch_shapes(
+  assert layouts.expected_source_shapes('torchvision', name) == torch_shapes(
       name)
-  assert convert.expected_source_shapes('timm', name) == torch_shapes(
+  assert layouts.expected_source_shapes('timm', name) == torch_shapes(
       name, layout='timm')
-  assert convert.expected_source_shapes('torchvision', name, **SMALL) == (
+  assert layouts.expected_source_shapes('torchvision', name, **SMALL) == (
       torch_shapes(name, **SMALL))
 
 
 def test_torchvision_landmarks():
   # Known points of the published files' layout.
-  vgg16 = convert.expected_source_shapes('torchvision', 'vgg16')
+  vgg16 = layouts.expected_source_shapes('torchvision', 'vgg16')
   assert vgg16['classifier.0.weight'] == (4096, 25088)
   assert vgg16['features.28.weight'] == (512, 512, 3, 3)
   assert 'features.30.weight' not in vgg16
-  vgg16_bn = convert.expected_source_shapes('torchvision', 'vgg16_bn')
+  vgg16_bn = layouts.expected_source_shapes('torchvision', 'vgg16_bn')
   assert vgg16_bn['features.41.running_var'] == (512,)
   n = sum(int(np.prod(s)) for k, s in vgg16.items())
   assert n == 138_357_544  # PAPER.md, Table 1 D
@@ -251,7 +257,7 @@ def test_full_size_vgg11_fc6_relayout(tmp_path):
   out = convert.convert_file('torchvision', src, tmp_path / 'pt', 'vgg11')
   state, meta = pretrained.load_state_dict(out)
   assert meta['model']['num_classes'] == 1000
-  assert meta['sha256'] == convert.file_sha256(src)
+  assert meta['sha256'] == weight_files.file_sha256(src)
   assert meta['source_file'] == 'vgg11.safetensors'
   kernel, w = state['fc6']['kernel'], sd['classifier.0.weight']
   assert kernel.shape == (7, 7, 512, 4096)
@@ -273,10 +279,10 @@ def _random_vgg_jax(name, seed):
   for k, (shape, _) in pretrained.expected_shapes(name, **SMALL).items():
     value = rng.standard_normal(shape).astype(np.float32)
     flat[k] = np.abs(value) + 0.5 if k[-1] == 'var' else value
-  return pretrained.unflatten(flat)
+  return trees.unflatten(flat)
 
 
-def test_vgg_jax_to_torchvision_to_vgg_jax_is_exact_via_cli(tmp_path):
+def test_vgg_jax_to_torchvision_to_vgg_jax_is_exact_via_cli(tmp_path, capsys):
   name = 'vgg13_bn'
   state = _random_vgg_jax(name, seed=4)
   names = [f'class {i}' for i in range(10)]
@@ -284,17 +290,19 @@ def test_vgg_jax_to_torchvision_to_vgg_jax_is_exact_via_cli(tmp_path):
                                   class_names=names, **SMALL)
   src = pretrained.save_pretrained(tmp_path / 'orig', state, meta)
   exported = tmp_path / 'tv.safetensors'
+  # The program as users run it, once.
   done = run_cli('--to=torchvision', f'--input={src}', f'--output={exported}')
   assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == str(exported)
   assert {k: v.shape for k, v in load_file(exported).items()} == torch_shapes(
       name, **SMALL)
-  done = run_cli('--source=torchvision', '--model=' + name,
-                 f'--width_multiplier={SMALL["width_multiplier"]}',
-                 f'--input={exported}', f'--output={tmp_path / "again"}')
-  assert done.returncode == 0, done.stderr
+  assert cli.call(convert.define_flags, convert.main, [
+      '--source=torchvision', '--model=' + name,
+      f'--width_multiplier={SMALL["width_multiplier"]}',
+      f'--input={exported}', f'--output={tmp_path / "again"}']) == 0
+  assert capsys.readouterr().out.strip() == str(tmp_path / 'again')
   again, again_meta = pretrained.load_state_dict(tmp_path / 'again')
-  flat, flat_again = (pretrained.flat_state(state),
-                      pretrained.flat_state(again))
+  flat, flat_again = trees.flatten(state), trees.flatten(again)
   assert set(flat) == set(flat_again)
   for k, v in flat.items():
     np.testing.assert_array_equal(flat_again[k], v, err_msg=str(k))
@@ -305,6 +313,48 @@ def test_vgg_jax_to_torchvision_to_vgg_jax_is_exact_via_cli(tmp_path):
   assert again_meta['source'] == 'torchvision'
 
 
+def test_cli_user_errors_are_one_line_and_help_works(tmp_path):
+  missing = tmp_path / 'missing.safetensors'
+  done = run_cli('--source=torchvision', '--model=vgg11', f'--input={missing}',
+                 f'--output={tmp_path / "out"}')
+  assert done.returncode == 1
+  assert 'Traceback' not in done.stderr
+  lines = done.stderr.strip().splitlines()
+  assert lines[-1] == f'vgg_jax.convert: error: No such file: {missing}'
+  assert not (tmp_path / 'out').exists()
+  done = run_cli('--helpfull')  # absl exits 1 after printing the help
+  assert 'vgg_jax/convert.py:' in done.stdout, done.stderr[-2000:]
+  for flag in ('--source', '--to', '--model', '--[no]flip_to_rgb',
+               '--[no]include_top'):
+    assert flag in done.stdout
+  assert 'Traceback' not in done.stderr
+
+
+@pytest.mark.parametrize('args,message', [
+    ([], 'Pass exactly one of --source (import) and --to (export).'),
+    (['--source=keras', '--to=timm', '--input=a', '--output=b'],
+     'Pass exactly one of --source'),
+    (['--to=timm', '--input=a'], '--input and --output are required.'),
+    (['--source=keras', '--input=a', '--output=b'],
+     '--model is required with --source.'),
+    (['--to=timm', '--model=vgg99'], "flag --model=vgg99"),
+])
+def test_cli_usage_errors(capsys, args, message):
+  assert cli.call(convert.define_flags, convert.main, args) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert ': error: ' in err[0] and message in err[0]
+
+
+def test_cli_flag_defaults_are_the_model_defaults():
+  fv = flags.FlagValues()
+  convert.define_flags(fv)
+  fv(['prog'])
+  for name, value in models.ModelOptions().as_dict().items():
+    if name != 'num_classes':  # None: read from the file
+      assert fv[name].value == value, name
+
+
 def test_native_safetensors_export(tmp_path):
   state = _random_vgg_jax('vgg11', seed=5)
   meta = pretrained.make_metadata('vgg11', normalization='imagenet_mean_std',
@@ -313,8 +363,8 @@ def test_native_safetensors_export(tmp_path):
   out = convert.export_weights(src, tmp_path / 'w.safetensors',
                                to='safetensors')
   tensors = load_file(out)
-  flat = pretrained.flat_state(state)
-  assert set(tensors) == {pretrained.path_str(k) for k in flat}
+  flat = trees.flatten(state)
+  assert set(tensors) == {trees.path_str(k) for k in flat}
   np.testing.assert_array_equal(tensors['fc6.kernel'], flat[('fc6', 'kernel')])
 
 
@@ -346,14 +396,15 @@ def test_mismatch_is_an_error_listing_the_tensors_and_writes_nothing(
   assert sorted(os.listdir(tmp_path)) == ['in.safetensors']
 
 
-def test_wrong_model_names_the_right_one_and_cli_fails(tmp_path):
+def test_wrong_model_names_the_right_one_and_cli_fails(tmp_path, capsys):
   src = _small_tv_file(tmp_path, name='vgg11_bn')
-  done = run_cli('--source=torchvision', '--model=vgg11', f'--input={src}',
-                 f'--output={tmp_path / "out"}', '--width_multiplier=0.0625')
-  assert done.returncode == 1
-  assert 'unexpected: features.1.running_mean (4,)' in done.stderr
-  assert ('The file matches --model=vgg11_bn --include_top=true.' in
-          done.stderr)
+  code = cli.call(convert.define_flags, convert.main, [
+      '--source=torchvision', '--model=vgg11', f'--input={src}',
+      f'--output={tmp_path / "out"}', '--width_multiplier=0.0625'])
+  assert code == 1
+  err = capsys.readouterr().err
+  assert 'unexpected: features.1.running_mean (4,)' in err
+  assert 'The file matches --model=vgg11_bn --include_top=true.' in err
   assert sorted(os.listdir(tmp_path)) == ['in.safetensors']
 
 
@@ -382,6 +433,34 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['in.safetensors', 'out']
 
 
+def test_export_is_all_or_nothing_and_keeps_existing_output(tmp_path,
+                                                           monkeypatch):
+  state = _random_vgg_jax('vgg11', seed=7)
+  meta = pretrained.make_metadata('vgg11', normalization='imagenet_mean_std',
+                                  **SMALL)
+  src = pretrained.save_pretrained(tmp_path / 'pt', state, meta)
+  out = tmp_path / 'tv.safetensors'
+  out.write_bytes(b'old')
+  with pytest.raises(FileExistsError, match='--overwrite'):
+    convert.export_weights(src, out)
+  assert out.read_bytes() == b'old'
+  with pytest.raises(ValueError, match=r'must end in \.safetensors\.$'):
+    convert.export_weights(src, tmp_path / 'w.pth', to='safetensors')
+
+  def half_written(path, *args, **kwargs):
+    pathlib.Path(path).write_bytes(b'partial')
+    raise OSError('disk full')
+  with monkeypatch.context() as m:
+    m.setattr(weight_files, 'write_weights', half_written)
+    with pytest.raises(OSError, match='disk full'):
+      convert.export_weights(src, out, overwrite=True)
+  assert out.read_bytes() == b'old'
+  assert sorted(os.listdir(tmp_path)) == ['pt', 'tv.safetensors']
+  convert.export_weights(src, out, overwrite=True)
+  assert set(load_file(out)) == set(torch_shapes('vgg11', **SMALL))
+  assert sorted(os.listdir(tmp_path)) == ['pt', 'tv.safetensors']
+
+
 def test_pth_without_torch_is_a_clear_error(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'torch', None)  # import torch fails
   src = tmp_path / 'vgg16-397923af.pth'
@@ -392,9 +471,9 @@ def test_pth_without_torch_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_unsupported_model_and_class_names(tmp_path):
   with pytest.raises(ValueError, match="torchvision has no 'vgg16_c'"):
-    convert.source_layout('torchvision', 'vgg16_c')
+    layouts.source_layout('torchvision', 'vgg16_c')
   with pytest.raises(ValueError, match="keras has no 'vgg11'"):
-    convert.source_layout('keras', 'vgg11')
+    layouts.source_layout('keras', 'vgg11')
   src = _small_tv_file(tmp_path)
   with pytest.raises(ValueError, match='3 class names for 10 classes'):
     convert.import_weights('torchvision', src, 'vgg11',
@@ -447,7 +526,7 @@ def _keras_logits_parity(tmp_path, arch, filename, legacy):
   # Expected tensor names/shapes come from the Keras model itself.
   keras_shapes = {f'{l.name}/{n}': tuple(w.shape) for l in kmodel.layers
                   for n, w in zip(('kernel', 'bias'), l.weights)}
-  assert convert.expected_source_shapes('keras', arch) == keras_shapes
+  assert layouts.expected_source_shapes('keras', arch) == keras_shapes
   del kmodel
   out = convert.convert_file('keras', path, tmp_path / 'pt', arch)
   model, meta = pretrained.load_pretrained(out)

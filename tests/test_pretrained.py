@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from vgg_jax import pretrained
+from vgg_jax import trees
 
 TINY = dict(width_multiplier=1 / 16, num_classes=10, fc6_kernel=1)
 
@@ -21,13 +22,13 @@ def _tiny_state(name='vgg11_bn', seed=0):
   for k, (shape, _) in pretrained.expected_shapes(name, **TINY).items():
     value = rng.standard_normal(shape).astype(np.float32)
     flat[k] = np.abs(value) + 0.5 if k[-1] == 'var' else value
-  return pretrained.unflatten(flat)
+  return trees.unflatten(flat)
 
 
 def _assert_weights_equal(model, state):
-  got = pretrained.flat_state(nnx.to_pure_dict(
+  got = trees.flatten(nnx.to_pure_dict(
       nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))))
-  want = pretrained.flat_state(state)
+  want = trees.flatten(state)
   assert set(got) == set(want)
   for k, v in want.items():
     np.testing.assert_array_equal(got[k], v, err_msg=str(k))
@@ -145,9 +146,42 @@ def test_save_refuses_weights_that_do_not_fit(tmp_path):
     pretrained.save_pretrained(tmp_path / 'pt', model, meta)
   assert os.listdir(tmp_path) == []
   path = _save(tmp_path, model)
-  with pytest.raises(FileExistsError):
+  with pytest.raises(FileExistsError, match='exists.*--overwrite'):
     _save(tmp_path, model)
   assert pretrained.is_pretrained_dir(path)
+
+
+def test_overwrite_replaces_the_whole_dir_or_nothing(tmp_path, monkeypatch):
+  meta = pretrained.make_metadata('vgg11_bn', normalization='mean_rgb', **TINY)
+  path = pretrained.save_pretrained(tmp_path / 'pt', _tiny_state(seed=1), meta)
+  (path / 'stray.txt').write_text('from the old dir')
+  new = _tiny_state(seed=2)
+
+  def fail(*args, **kwargs):
+    raise OSError('disk full')
+  with monkeypatch.context() as m:
+    m.setattr(pretrained.ocp.StandardCheckpointer, 'save', fail)
+    with pytest.raises(OSError, match='disk full'):
+      pretrained.save_pretrained(path, new, meta, overwrite=True)
+  assert (path / 'stray.txt').exists()  # the old dir, untouched
+  assert sorted(os.listdir(tmp_path)) == ['pt']
+  pretrained.save_pretrained(path, new, meta, overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ['pt']
+  assert not (path / 'stray.txt').exists()
+  stored, _ = pretrained.load_state_dict(path)
+  np.testing.assert_array_equal(stored['fc8']['kernel'],
+                                new['fc8']['kernel'])
+
+
+def test_save_accepts_a_flat_dict_with_digit_string_indices(tmp_path):
+  state = _tiny_state()
+  flat = {tuple(str(k) for k in path): v
+          for path, v in trees.flatten(state).items()}
+  meta = pretrained.make_metadata('vgg11_bn', normalization='mean_rgb', **TINY)
+  path = pretrained.save_pretrained(tmp_path / 'pt', flat, meta)
+  stored, _ = pretrained.load_state_dict(path)
+  np.testing.assert_array_equal(stored['blocks'][1]['norms'][0]['mean'],
+                                state['blocks'][1]['norms'][0]['mean'])
 
 
 def test_make_metadata_checks_its_input():

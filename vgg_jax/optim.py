@@ -9,13 +9,15 @@ the momentum buffer and the rate can be fed to the jitted step as a scalar.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import math
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 SCHEDULES = ('plateau', 'step', 'cosine')
@@ -66,9 +68,34 @@ def apply_updates(params: Any, updates: Any, learning_rate: jax.Array) -> Any:
       lambda p, u: (p - learning_rate * u).astype(p.dtype), params, updates)
 
 
-def base_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                  total_steps: int) -> Callable[[int], float]:
-  """The step-indexed learning rate before any plateau drops.
+def _after_warmup(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                  total_steps: int, warmup: int) -> optax.Schedule:
+  """The schedule from the end of warm-up on (it counts from 0 there)."""
+  t = config.train
+  lr = float(t.learning_rate)
+  if t.schedule == 'plateau':  # drops come from Plateau, outside
+    return optax.constant_schedule(lr)
+  if t.schedule == 'step':
+    # x0.1 from the first integer step at or past each boundary epoch (equal
+    # boundaries drop twice), counted from the end of warm-up.
+    drops = collections.Counter(
+        math.ceil(b * steps_per_epoch) - warmup
+        for b in t.step_boundaries_epochs)
+    return optax.piecewise_constant_schedule(
+        lr, {step: 0.1 ** n for step, n in drops.items()})
+  return optax.cosine_decay_schedule(lr, max(1, total_steps - warmup))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int,
+                           total_steps: int) -> optax.Schedule:
+  """The step-indexed learning rate before any plateau drops, as Optax's.
+
+  Linear warm-up to ``train.learning_rate`` over ``train.warmup_epochs``
+  (``lr * (step + 1) / warmup`` at step ``step``), then ``plateau``: constant
+  (``Plateau`` divides it); ``step``: x0.1 at each of
+  ``train.step_boundaries_epochs``; ``cosine``: half a cosine from the rate
+  to 0 at ``total_steps``.
 
   Args:
     config: the run config (``train.schedule``, ``train.learning_rate``,
@@ -77,7 +104,7 @@ def base_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
     total_steps: length of the run, for cosine.
 
   Returns:
-    A function of the integer step.
+    An Optax schedule (jnp in, jnp out; usable under ``jit``).
   """
   t = config.train
   if t.schedule not in SCHEDULES:
@@ -85,20 +112,74 @@ def base_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
                      f'{", ".join(SCHEDULES)}.')
   if t.learning_rate <= 0:
     raise ValueError(f'Bad train.learning_rate {t.learning_rate}: must be > 0.')
+  if t.warmup_epochs < 0:
+    raise ValueError(f'Bad train.warmup_epochs {t.warmup_epochs}: must be '
+                     '>= 0.')
   lr = float(t.learning_rate)
   warmup = int(round(t.warmup_epochs * steps_per_epoch))
+  after = _after_warmup(config, steps_per_epoch, total_steps, warmup)
+  if warmup == 0:
+    return after
+  # Step s < warmup gets lr/warmup + s * (lr - lr/warmup) / (warmup - 1),
+  # i.e. lr * (s + 1) / warmup: the first step already moves the weights.
+  ramp = optax.linear_schedule(lr / warmup, lr, warmup - 1)
+  return optax.join_schedules([ramp, after], [warmup])
 
-  def schedule(step: int) -> float:
-    if step < warmup:
-      return lr * (step + 1) / warmup
-    if t.schedule == 'plateau':
-      return lr
-    if t.schedule == 'step':
-      drops = sum(step >= b * steps_per_epoch for b in t.step_boundaries_epochs)
-      return lr * 0.1 ** drops
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-  return schedule
+
+class HostSchedule:
+  """An Optax schedule read on the host as Python floats, one per step.
+
+  The train loop passes the rate to the jitted step as a scalar. Evaluating
+  the schedule's jnp ops there each step would run them on the accelerator
+  and wait for the step in flight; instead every step of the run is
+  evaluated once, in float64 (the precision the rate is logged in), and
+  read from a table.
+  """
+
+  def __init__(self, schedule: optax.Schedule, num_steps: int):
+    """Evaluates ``schedule`` at steps ``0..num_steps``.
+
+    Args:
+      schedule: an Optax schedule.
+      num_steps: the last step tabulated; later steps are computed on demand.
+    """
+    self._schedule = schedule
+    with self._on_host():
+      steps = np.arange(max(num_steps, 0) + 1)
+      self._table = np.asarray(jax.vmap(schedule)(steps), np.float64)
+
+  @staticmethod
+  @contextlib.contextmanager
+  def _on_host():
+    # float64 on the host CPU: accelerators (TPUs) may not support it.
+    with jax.enable_x64(True), jax.default_device(
+        jax.local_devices(backend='cpu')[0]):
+      yield
+
+  def __call__(self, step: int) -> float:
+    """The rate at ``step``."""
+    if 0 <= step < len(self._table):
+      return float(self._table[step])
+    with self._on_host():
+      return float(self._schedule(step))
+
+
+def base_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                  total_steps: int) -> Callable[[int], float]:
+  """``learning_rate_schedule`` as a host function of the integer step.
+
+  Args:
+    config: the run config (``train.schedule``, ``train.learning_rate``,
+      ``train.warmup_epochs``, ``train.step_boundaries_epochs``).
+    steps_per_epoch: optimiser steps in one epoch.
+    total_steps: length of the run, for cosine.
+
+  Returns:
+    A function of the integer step returning a Python float.
+  """
+  return HostSchedule(
+      learning_rate_schedule(config, steps_per_epoch, total_steps),
+      total_steps)
 
 
 @dataclasses.dataclass
@@ -170,9 +251,3 @@ class Plateau:
     self.best = float(state['best'])
     self.bad_evals = int(state['bad_evals'])
     self.drops = int(state['drops'])
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy in float32."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels)

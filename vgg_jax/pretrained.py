@@ -38,8 +38,6 @@ import copy
 import functools
 import json
 import re
-import shutil
-import uuid
 from typing import Any, Mapping
 
 from etils import epath
@@ -50,7 +48,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vgg_jax import models
+from vgg_jax import paths
 from vgg_jax import preprocessing
+from vgg_jax import trees
 
 FORMAT = 'vgg_jax.pretrained/1'
 METADATA_FILE = 'metadata.json'
@@ -61,51 +61,8 @@ HEAD_LAYERS = ('fc6', 'fc7', 'fc8')
 PureDict = dict[Any, Any]
 
 
-def flatten(tree: Mapping[Any, Any], prefix: tuple = ()) -> dict[tuple, Any]:
-  """Nested dict -> ``{path tuple: leaf}``."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def unflatten(flat: Mapping[tuple, Any]) -> PureDict:
-  """``{path tuple: leaf}`` -> nested dict."""
-  out: PureDict = {}
-  for path, v in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return out
-
-
-def path_str(path: tuple) -> str:
-  """``('blocks', 0, 'convs', 1, 'kernel')`` -> ``blocks.0.convs.1.kernel``."""
-  return '.'.join(str(p) for p in path)
-
-
-def _int_keys(flat: Mapping[tuple, Any]) -> dict[tuple, Any]:
-  # Orbax stores nnx.List indices as strings; the model state uses ints.
-  return {tuple(int(k) if isinstance(k, str) and k.isdigit() else k
-                for k in path): v for path, v in flat.items()}
-
-
-def flat_state(state: Mapping[Any, Any]) -> dict[tuple, Any]:
-  """A nested state dict as ``{path: leaf}`` with int list indices."""
-  return _int_keys(flatten(state))
-
-
-def _path(directory) -> epath.Path:
-  # Orbax wants absolute local paths; URLs (gs://...) are left alone.
-  return (epath.Path(directory) if '://' in str(directory) else
-          epath.Path(directory).absolute())
-
-
 def _weights_filter():
+  # What a pretrained dir stores: no RNG state, no optimiser state.
   return nnx.Any(nnx.Param, nnx.BatchStat)
 
 
@@ -239,15 +196,14 @@ def make_metadata(name: str, *, normalization: str,
 
 def _pure_weights(model_or_state) -> dict[tuple, np.ndarray]:
   if isinstance(model_or_state, nnx.Module):
-    state = nnx.state(model_or_state, _weights_filter())
-    flat = dict(nnx.to_flat_state(state))
-    flat = {tuple(k): (v.get_value() if isinstance(v, nnx.Variable) else v)
-            for k, v in flat.items()}
+    flat = trees.flatten(nnx.to_pure_dict(
+        nnx.state(model_or_state, _weights_filter())))
   elif isinstance(model_or_state, Mapping):
     if model_or_state and all(isinstance(k, tuple) for k in model_or_state):
-      flat = _int_keys(model_or_state)  # already {path: array}
+      # Already {path: array}; canonical paths via the nested form.
+      flat = trees.flatten(trees.unflatten(model_or_state))
     else:
-      flat = _int_keys(flatten(model_or_state))
+      flat = trees.flatten(model_or_state)
   else:
     raise TypeError(f'Expected an nnx model or a nested dict of arrays, got '
                     f'{type(model_or_state).__name__}.')
@@ -260,8 +216,8 @@ def check_state(flat: Mapping[tuple, Any], metadata: Mapping[str, Any]):
                              include_top=metadata['include_top'],
                              **model_options(metadata))
   diffs = describe_differences(
-      {path_str(k): v[0] for k, v in expected.items()},
-      {path_str(k): tuple(np.shape(v)) for k, v in flat.items()})
+      {trees.path_str(k): v[0] for k, v in expected.items()},
+      {trees.path_str(k): tuple(np.shape(v)) for k, v in flat.items()})
   if diffs:
     raise ValueError(
         f'The weights do not fit {metadata["model"]["name"]} with options '
@@ -291,38 +247,22 @@ def save_pretrained(directory, model, metadata: Mapping[str, Any], *,
     FileExistsError: ``directory`` exists and ``overwrite`` is False.
     ValueError: bad metadata or weights that do not fit its model.
   """
-  directory = _path(directory)
   if metadata.get('format') != FORMAT:
     raise ValueError(f'metadata["format"] must be {FORMAT!r}; build it with '
                      'make_metadata().')
   flat = _pure_weights(model)
   check_state(flat, metadata)
-  if directory.exists() and not overwrite:
-    raise FileExistsError(f'{directory} exists; pass overwrite=True (CLI: '
-                          '--overwrite) to replace it.')
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = directory.parent / f'.{directory.name}.tmp-{uuid.uuid4().hex[:8]}'
-  try:
+  with paths.replaced_atomically(directory, overwrite=overwrite) as tmp:
     tmp.mkdir()
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(tmp / STATE_DIR, unflatten(flat))
+      checkpointer.save(tmp / STATE_DIR, trees.unflatten(flat))
     (tmp / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2))
-    if directory.exists():
-      old = directory.parent / f'.{directory.name}.old-{uuid.uuid4().hex[:8]}'
-      directory.rename(old)
-      tmp.rename(directory)
-      shutil.rmtree(old)
-    else:
-      tmp.rename(directory)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp)
-  return directory
+  return paths.absolute(directory)
 
 
 def is_pretrained_dir(path) -> bool:
   """Whether ``path`` is a pretrained dir (metadata of this format + state)."""
-  path = _path(path)
+  path = paths.absolute(path)
   try:
     meta = json.loads((path / METADATA_FILE).read_text())
   except (OSError, ValueError):
@@ -337,7 +277,7 @@ def read_metadata(directory) -> dict[str, Any]:
   Raises:
     ValueError: not a pretrained dir, or an unknown format version.
   """
-  directory = _path(directory)
+  directory = paths.absolute(directory)
   file = directory / METADATA_FILE
   if not file.exists() or not (directory / STATE_DIR).is_dir():
     raise ValueError(f'{directory} is not a pretrained dir: it needs '
@@ -350,11 +290,22 @@ def read_metadata(directory) -> dict[str, Any]:
   return meta
 
 
-def _stored_shapes(directory) -> dict[tuple, tuple[tuple[int, ...], Any]]:
+def _fitting_shapes(directory, name: str, include_top: bool,
+                    options: Mapping[str, Any]
+                    ) -> dict[tuple, tuple[tuple[int, ...], Any]]:
+  """``expected_shapes``, after checking the stored weights have them."""
+  expected = expected_shapes(name, include_top=include_top, **options)
   tree = ocp.PyTreeCheckpointer().metadata(
-      _path(directory) / STATE_DIR).item_metadata.tree
-  return {k: (tuple(v.shape), v.dtype)
-          for k, v in _int_keys(flatten(tree)).items()}
+      paths.absolute(directory) / STATE_DIR).item_metadata.tree
+  diffs = describe_differences(
+      {trees.path_str(k): v[0] for k, v in expected.items()},
+      {trees.path_str(k): tuple(v.shape)
+       for k, v in trees.flatten(tree).items()})
+  if diffs:
+    raise ValueError(
+        f'{directory} does not fit {name} with options {dict(options)}:\n  '
+        + '\n  '.join(diffs))
+  return expected
 
 
 def load_state_dict(directory) -> tuple[PureDict, dict[str, Any]]:
@@ -370,13 +321,13 @@ def load_state_dict(directory) -> tuple[PureDict, dict[str, Any]]:
     ``metadata['include_top']`` is False).
   """
   meta = read_metadata(directory)
-  path = _path(directory) / STATE_DIR
+  path = paths.absolute(directory) / STATE_DIR
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(path).item_metadata.tree
   restore_args = jax.tree.map(
       lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   state = checkpointer.restore(path, restore_args=restore_args)
-  return unflatten(_int_keys(flatten(state))), meta
+  return trees.canonical(state), meta
 
 
 def _dropout_rng_state(abstract_rest: nnx.State,
@@ -389,10 +340,10 @@ def _dropout_rng_state(abstract_rest: nnx.State,
   for path, _ in nnx.to_flat_state(abstract_rest):
     path = tuple(path)
     if path[-2:] not in probe:
-      raise ValueError(f'Unexpected non-weight state {path_str(path)} in the '
-                       'model; cannot rebuild it without initialising.')
+      raise ValueError(f'Unexpected non-weight state {trees.path_str(path)} '
+                       'in the model; cannot rebuild it without initialising.')
     out[path] = probe[path[-2:]].get_value()
-  return unflatten(out)
+  return trees.unflatten(out)
 
 
 def _random_head(name: str, options: Mapping[str, Any],
@@ -400,8 +351,7 @@ def _random_head(name: str, options: Mapping[str, Any],
   """FC-6..FC-8 initialised as ``create_model`` does, in one compiled call."""
   shapes = {k: v for k, v in expected_shapes(name, **options).items()
             if k[0] in HEAD_LAYERS}
-  # pylint: disable-next=protected-access
-  kernel_init = models.initializer(options.get('init', 'normal'))
+  kernel_init = models.initializer(models.ModelOptions.create(**options).init)
   key = rngs.params() if isinstance(rngs, nnx.Rngs) else jax.random.key(rngs)
 
   @jax.jit
@@ -443,16 +393,7 @@ def load_pretrained(directory, *, rngs: nnx.Rngs | int = 0,
   name = meta['model']['name']
   options = {**model_options(meta), **model_overrides}
   include_top = meta['include_top']
-  expected = expected_shapes(name, include_top=include_top, **options)
-  stored = _stored_shapes(directory)
-  diffs = describe_differences(
-      {path_str(k): v[0] for k, v in expected.items()},
-      {path_str(k): v[0] for k, v in stored.items()})
-  if diffs:
-    raise ValueError(
-        f'{directory} does not fit {name} with options {options}:\n  ' +
-        '\n  '.join(diffs))
-
+  expected = _fitting_shapes(directory, name, include_top, options)
   # Build shapes only: random init of FC-6 alone takes seconds (minutes with
   # compilation on a small CPU), and the file replaces it anyway.
   graphdef, weights, rest = nnx.split(models.abstract_model(name, **options),
@@ -463,15 +404,14 @@ def load_pretrained(directory, *, rngs: nnx.Rngs | int = 0,
   target = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
             for k, (shape, dtype) in expected.items()}
   restored = ocp.StandardCheckpointer().restore(
-      _path(directory) / STATE_DIR, unflatten(target))
-  values = flat_state(restored)
+      paths.absolute(directory) / STATE_DIR, trees.unflatten(target))
+  values = trees.flatten(restored)
   if not include_top:
     values.update(_random_head(name, options, rngs))
-  nnx.replace_by_pure_dict(weights, unflatten(values))
+  nnx.replace_by_pure_dict(weights, trees.unflatten(values))
   model = nnx.merge(graphdef, weights, rest)
   model.eval()
   meta = copy.deepcopy(meta)
-  meta['model'] = {'name': name, **{
-      k: (str(jnp.dtype(v)) if k in ('dtype', 'param_dtype') else v)
-      for k, v in options.items()}}
+  meta['model'] = {'name': name,
+                   **models.ModelOptions.create(**options).as_dict()}
   return model, meta

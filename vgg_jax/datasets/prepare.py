@@ -21,34 +21,49 @@ Examples::
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from absl import app
 from absl import flags
 
+from vgg_jax import cli
 from vgg_jax import datasets
 
-_DATASET = flags.DEFINE_string(
-    'dataset', 'fashion_mnist',
-    "'fashion_mnist', 'image_folder' or a TFDS name such as 'imagenet2012'.")
-_DATA_DIR = flags.DEFINE_string(
-    'data_dir', None, 'TFDS data dir to prepare into (default: TFDS default, '
-    '~/tensorflow_datasets).')
-_MANUAL_DIR = flags.DEFINE_string(
-    'manual_dir', None, 'IDX files (fashion_mnist), the image root '
-    '(image_folder) or the TFDS manual dir (imagenet2012 tars).')
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Registers the program's flags.
+
+  Args:
+    flag_values: where to register them (``flags.FLAGS`` for the program).
+  """
+  flags.DEFINE_string(
+      'dataset', 'fashion_mnist',
+      "'fashion_mnist', 'image_folder' or a TFDS name such as 'imagenet2012'.",
+      flag_values=flag_values)
+  flags.DEFINE_string(
+      'data_dir', None, 'TFDS data dir to prepare into (default: TFDS '
+      'default, ~/tensorflow_datasets).', flag_values=flag_values)
+  flags.DEFINE_string(
+      'manual_dir', None, 'IDX files (fashion_mnist), the image root '
+      '(image_folder) or the TFDS manual dir (imagenet2012 tars).',
+      flag_values=flag_values)
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  builder = datasets.get_builder(_DATASET.value, data_dir=_DATA_DIR.value,
-                                 manual_dir=_MANUAL_DIR.value)
-  datasets.prepare(builder, _MANUAL_DIR.value)
+def main(flag_values: flags.FlagValues) -> int:
+  """Prepares ``--dataset`` and prints what it holds.
+
+  Args:
+    flag_values: the parsed flags of ``define_flags``.
+
+  Returns:
+    0; user errors raise (``cli`` prints them on one line and exits 1).
+  """
+  f = flag_values
+  builder = datasets.get_builder(f.dataset, data_dir=f.data_dir,
+                                 manual_dir=f.manual_dir)
+  datasets.ensure_prepared(builder, f.manual_dir)
   info = datasets.dataset_info(builder)
   print(f'{info.name} prepared in {builder.data_dir}: {info.num_classes} '
         f'classes, examples per split {dict(info.num_examples)}')
+  return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(define_flags, main)
