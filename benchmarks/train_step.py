@@ -1,8 +1,9 @@
 """Training-step throughput of vgg_jax, beside a Keras (TensorFlow) VGG.
 
-Times the project's own jitted training step (``train.make_train_step``: the
-forward pass, cross-entropy, backward pass, L2 decay and momentum update, with
-the state donated) on synthetic uint8 batches already on the device, so the
+Times the project's own jitted training step (``steps.jit_train_step`` over
+the state of ``steps.create_train_state``, as training uses them: the forward
+pass, cross-entropy, backward pass, L2 decay and momentum update, with the
+state donated) on synthetic uint8 batches already on the device, so the
 input pipeline is not measured (``benchmarks/input_pipeline.py`` does that).
 Beside it, in the same process, the same-shaped Keras 3 VGG trained by
 ``model.train_on_batch`` on TensorFlow, with XLA ``jit_compile`` off and on,
@@ -39,25 +40,21 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 # Runnable as `python benchmarks/train_step.py` from a checkout that is not
 # pip-installed (e.g. a fresh GPU machine).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from vgg_jax import models
-from vgg_jax import optim
-from vgg_jax import preprocessing
 from vgg_jax import sharding
-from vgg_jax import train
+from vgg_jax import steps
 from vgg_jax.configs import base
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 KERAS_MODES = ('off', 'on', 'both', 'none')
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  """Command-line options; ``None`` defaults depend on the JAX backend."""
+def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       description=__doc__.split('\n\n')[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -96,8 +93,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument('--require_accelerator', action='store_true',
                  help='fail unless JAX sees a GPU or TPU')
   p.add_argument('--seed', type=int, default=0)
-  args = p.parse_args(argv)
+  return p
 
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  """Command-line options; ``None`` defaults depend on the JAX backend."""
+  p = _parser()
+  args = p.parse_args(argv)
   accel = jax.default_backend() != 'cpu'
   if args.require_accelerator and not accel:
     p.error('--require_accelerator: JAX sees no GPU/TPU (backend '
@@ -216,7 +218,7 @@ def xla_flops(compiled) -> float | None:
 
 
 def bench_jax(name: str, args: argparse.Namespace) -> dict[str, Any]:
-  """Times ``train.make_train_step`` for one model; returns a result row."""
+  """Times the training step of ``steps.create_train_state`` for one model."""
   config = base.get_config()
   config.model.name = name
   config.model.dtype = args.dtype
@@ -224,61 +226,47 @@ def bench_jax(name: str, args: argparse.Namespace) -> dict[str, Any]:
   config.model.fc6_kernel = args.image_size // 32
   config.train.batch_size = args.batch_size
   config.seed = args.seed
-  m = config.model
-  model = models.create_model(
-      name, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
-      num_classes=m.num_classes, dropout_rate=m.dropout_rate,
-      width_multiplier=m.width_multiplier, fc6_kernel=m.fc6_kernel,
-      init=m.init, dtype=m.dtype, param_dtype=m.param_dtype)
-  model.train()
-  num_params = models.count_params(model)
-  graphdef, params, batch_stats, rest = train.split_model(model)
-  tx = optim.create_optimizer(config, params)
-
   mesh = sharding.create_mesh()
-  replicated = sharding.replicated(mesh)
-  batch_shd = sharding.batch_sharding(mesh)
-  state = jax.device_put(
-      dict(step=jnp.zeros((), jnp.int32), params=params,
-           batch_stats=batch_stats, opt_state=tx.init(params)), replicated)
-  del model, params, batch_stats
-
-  def normalize(images):
-    return preprocessing.normalize(images, config.input.normalization,
-                                   mean_rgb=tuple(config.input.mean_rgb))
+  setup, state = steps.create_train_state(config, mesh)
+  num_params = sum(int(np.prod(x.shape))
+                   for x in jax.tree.leaves(state.params))
 
   rng = np.random.default_rng(args.seed)
   size = (args.batch_size, args.image_size, args.image_size, 3)
   batch = jax.device_put(dict(
       image=rng.integers(0, 256, size, dtype=np.uint8),
-      label=rng.integers(0, m.num_classes, args.batch_size, dtype=np.int32)),
-                         batch_shd)
+      label=rng.integers(0, config.model.num_classes, args.batch_size,
+                         dtype=np.int32)), sharding.batch_sharding(mesh))
   lr = np.float32(config.train.learning_rate)
 
-  step_fn = jax.jit(
-      train.make_train_step(graphdef, rest, tx, normalize, config.seed),
-      in_shardings=(replicated, batch_shd, None),
-      out_shardings=(replicated, None, None), donate_argnums=(0,))
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch, lr).compile()
+  compiled = steps.jit_train_step(setup, config).lower(state, batch,
+                                                       lr).compile()
   compile_s = time.perf_counter() - t0
-
-  def run():
-    nonlocal state
-    state, _, loss = compiled(state, batch, lr)
-    jax.block_until_ready((state, loss))
-    if not np.isfinite(float(loss)):
-      raise FloatingPointError(f'{name}: non-finite loss {float(loss)}.')
-
-  times = time_steps(run, args.warmup, args.steps)
+  runner = _StepRunner(compiled, state, batch, lr, name)
+  times = time_steps(runner, args.warmup, args.steps)
   macs = models.count_macs(name, args.image_size,
                            width_multiplier=args.width_multiplier,
-                           num_classes=m.num_classes, fc6_kernel=m.fc6_kernel)
-  flops = xla_flops(compiled)
+                           num_classes=config.model.num_classes,
+                           fc6_kernel=config.model.fc6_kernel)
   return dict(framework=f'vgg_jax (JAX {jax.__version__})', model=name,
               dtype=args.dtype, params=num_params, compile_s=compile_s,
               times=times, macs=macs, load=load_average(),
-              xla_flops_per_step=flops, batch=args.batch_size)
+              xla_flops_per_step=xla_flops(compiled), batch=args.batch_size)
+
+
+class _StepRunner:
+  """One blocking training step per call, the (donated) state carried over."""
+
+  def __init__(self, compiled, state: steps.TrainState, batch, lr, name: str):
+    self.compiled, self.state, self.batch, self.lr = compiled, state, batch, lr
+    self.name = name
+
+  def __call__(self) -> None:
+    self.state, _, loss = self.compiled(self.state, self.batch, self.lr)
+    jax.block_until_ready((self.state, loss))
+    if not np.isfinite(float(loss)):
+      raise FloatingPointError(f'{self.name}: non-finite loss {float(loss)}.')
 
 
 def keras_vgg(name: str, image_size: int, num_classes: int,
@@ -379,6 +367,23 @@ def format_table(rows: list[dict[str, Any]], matmul: dict[str, float],
   return '\n'.join(lines)
 
 
+def measure_matmul(best: dict[str, float], args: argparse.Namespace,
+                   when: str) -> None:
+  """Measures the yardstick matmul in float32 and the compute dtype.
+
+  Args:
+    best: ``{dtype: FLOP/s}``, updated with the faster of old and new.
+    args: the options (``matmul_size``, ``dtype``).
+    when: ``'before'`` or ``'after'`` the models, for the printed line.
+  """
+  for dtype in dict.fromkeys(['float32', args.dtype]):
+    flops = matmul_flops(args.matmul_size, dtype)
+    best[dtype] = max(best.get(dtype, 0.0), flops)
+    print(f'# {args.matmul_size}^2 {dtype} jnp matmul ({when}): '
+          f'{flops / 1e12:.3f} TFLOP/s (load {load_average():.2f})',
+          flush=True)
+
+
 def main(argv: Sequence[str]) -> None:
   args = parse_args(argv)
   devices = jax.devices()
@@ -396,16 +401,7 @@ def main(argv: Sequence[str]) -> None:
   # The matmul runs before and after the models; the faster of the two is
   # the yardstick, so a burst of other work on the machine does not lower it.
   matmul: dict[str, float] = {}
-
-  def measure_matmul(when: str) -> None:
-    for dtype in dict.fromkeys(['float32', args.dtype]):
-      flops = matmul_flops(args.matmul_size, dtype)
-      matmul[dtype] = max(matmul.get(dtype, 0.0), flops)
-      print(f'# {args.matmul_size}^2 {dtype} jnp matmul ({when}): '
-            f'{flops / 1e12:.3f} TFLOP/s (load {load_average():.2f})',
-            flush=True)
-
-  measure_matmul('before')
+  measure_matmul(matmul, args, 'before')
   keras_modes = {'off': [False], 'on': [True], 'both': [False, True],
                  'none': []}[args.keras]
   rows = []
@@ -417,7 +413,7 @@ def main(argv: Sequence[str]) -> None:
       rows.append(bench_keras(name, jit_compile, args))
       print(format_table(rows[-1:], matmul, args.peak_tflops).splitlines()[-1],
             flush=True)
-  measure_matmul('after')
+  measure_matmul(matmul, args, 'after')
   for dtype, flops in matmul.items():
     print(f'# matmul yardstick {dtype}: {flops / 1e12:.3f} TFLOP/s')
 
@@ -430,13 +426,18 @@ def main(argv: Sequence[str]) -> None:
         'after the timed steps.')
   print(f'# 1-min load average after measuring: {load_average():.2f}; '
         f'benchmark wall time {time.perf_counter() - t_start:.0f} s')
+  print_results(rows, args.peak_tflops)
+
+
+def print_results(rows: list[dict[str, Any]], peak_tflops: float) -> None:
+  """One ``RESULT`` line per vgg_jax row: images/s, and MFU given the peak."""
   for r in rows:
     if r['framework'].startswith('vgg_jax'):
       ips = r['batch'] / statistics.median(r['times'])
       mfu = ''
-      if args.peak_tflops:
-        util = 6 * r['macs'] * ips / (args.peak_tflops * 1e12)
-        mfu = f', MFU {100 * util:.1f}% of {args.peak_tflops:g} TFLOP/s'
+      if peak_tflops:
+        util = 6 * r['macs'] * ips / (peak_tflops * 1e12)
+        mfu = f', MFU {100 * util:.1f}% of {peak_tflops:g} TFLOP/s'
       print(f'RESULT {r["model"]} {r["dtype"]} batch {r["batch"]} on '
             f'{jax.device_count()} x {jax.devices()[0].device_kind}: '
             f'{ips:.1f} images/s{mfu}')

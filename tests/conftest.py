@@ -1,11 +1,13 @@
-"""Shared fixtures: a tiny Fashion-MNIST-format dataset and tiny configs."""
+"""Shared fixtures: a tiny Fashion-MNIST-format dataset, tiny configs, a run."""
 
 import importlib.util
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
 
+from vgg_jax import train
 from vgg_jax.datasets import testing
 
 
@@ -48,8 +50,7 @@ def tfds_dir(tmp_path_factory):
   return tmp_path_factory.mktemp('tfds')
 
 
-@pytest.fixture
-def tiny_config(fashion_idx_dir, tfds_dir):
+def make_tiny_config(fashion_idx_dir, tfds_dir):
   """The quickstart config shrunk to seconds: 1/16 width, batch 16."""
   config = load_config('quickstart')
   config.data.manual_dir = str(fashion_idx_dir)
@@ -65,3 +66,29 @@ def tiny_config(fashion_idx_dir, tfds_dir):
   config.train.checkpoint_every_steps = 1000
   config.train.learning_rate = 0.01
   return config
+
+
+@pytest.fixture
+def tiny_config(fashion_idx_dir, tfds_dir):
+  """The quickstart config shrunk to seconds: 1/16 width, batch 16."""
+  return make_tiny_config(fashion_idx_dir, tfds_dir)
+
+
+@pytest.fixture(scope='session')
+def net_a_run(tmp_path_factory, fashion_idx_dir, tfds_dir):
+  """A training workdir of the tiny plain net A (``vgg11``) after 2 steps.
+
+  Shared by the session and read-only: tests that train on it or change it
+  use ``net_a_copy``. Its one checkpoint (step 2) has a validation result.
+  """
+  config = make_tiny_config(fashion_idx_dir, tfds_dir)
+  config.train.max_steps = 2
+  workdir = tmp_path_factory.mktemp('net_a') / 'run'
+  train.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+@pytest.fixture
+def net_a_copy(net_a_run, tmp_path):
+  """A private copy of ``net_a_run``'s workdir, to train on or change."""
+  return pathlib.Path(shutil.copytree(net_a_run, tmp_path / 'net_a_copy'))

@@ -1,4 +1,4 @@
-"""Tests of the paper's test protocols, ensembles and the evaluation loop."""
+"""Tests of the evaluation pass (plan, batch loop, ensembles) and its CLI."""
 
 import json
 import os
@@ -9,15 +9,22 @@ import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
+import portpicker
 import pytest
 from flax import nnx
 from tensorboard.backend.event_processing import event_accumulator
 
+from test_protocols import tiny_model
 from vgg_jax import checkpointing
+from vgg_jax import cli
+from vgg_jax import eval_plan
 from vgg_jax import evaluate
 from vgg_jax import input_pipeline
-from vgg_jax import models
+from vgg_jax import metrics
 from vgg_jax import preprocessing
+from vgg_jax import protocols
+from vgg_jax import reporting
+from vgg_jax import sharding
 from vgg_jax.configs import base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,190 +32,12 @@ CROP = 32
 NUM_CLASSES = 5
 
 
-def tiny_model(num_classes=NUM_CLASSES, seed=0, arrays=None):
-  """A tiny VGG-A with He-normal weights (or ``arrays``), in eval mode.
-
-  The weights are drawn with NumPy into an abstract model: ``create_model``'s
-  own init compiles one random program per shape, which costs more than
-  every test here together on a 2-core machine.
-
-  Args:
-    num_classes: FC-8 width.
-    seed: NumPy seed.
-    arrays: optional ``{'blocks/0/convs/0/kernel': array, ...}`` to use
-      instead of random weights.
-  """
-  rng = np.random.default_rng(seed)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: models.create_model(
-      'vgg11', width_multiplier=1 / 16, num_classes=num_classes,
-      fc6_kernel=1, init='he')))
-
-  def fill(node, prefix):
-    for k, v in node.items():
-      key = prefix + (str(k),)
-      name = '/'.join(key)
-      if isinstance(v, dict):
-        fill(v, key)
-      elif arrays is not None and name in arrays:
-        node[k] = jnp.asarray(arrays[name])
-      elif jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
-        node[k] = jax.random.key(0)
-      elif k == 'kernel':
-        fan_in = int(np.prod(v.shape[:-1]))
-        node[k] = jnp.asarray(rng.normal(0, np.sqrt(2 / fan_in), v.shape),
-                              v.dtype)
-      else:
-        node[k] = jnp.zeros(v.shape, v.dtype)
-  pure = nnx.to_pure_dict(state)
-  fill(pure, ())
-  nnx.replace_by_pure_dict(state, pure)
-  model = nnx.merge(graphdef, state)
-  model.eval()
-  return model
-
-
-@pytest.fixture(scope='module')
-def model():
-  return tiny_model()
-
-
-def _canvas(images, side):
-  canvas = np.zeros((len(images), side, side, 3), np.float32)
-  for i, im in enumerate(images):
-    canvas[i, :im.shape[0], :im.shape[1]] = im
-  sizes = np.array([im.shape[:2] for im in images], np.int32)
-  return jnp.asarray(canvas), jnp.asarray(sizes)
-
-
-def _softmax(x):
-  return np.asarray(jax.nn.softmax(jnp.asarray(x), axis=-1))
-
-
-@pytest.fixture(scope='module')
-def images():
-  rng = np.random.default_rng(0)
-  # Odd sizes, not multiples of 32, both orientations.
-  return [rng.normal(size=(h, w, 3)).astype(np.float32)
-          for h, w in ((40, 57), (71, 45), (37, 36))]
-
-
-def _tiny_config(**input_fields):
-  config = base.get_config()
-  config.input.crop_size = CROP
-  config.input.update(input_fields)
-  return config
-
-
-def test_default_scales_follow_the_paper():
-  fixed = _tiny_config(crop_size=224, scale_min=256, scale_max=256)
-  assert evaluate.default_scales(fixed) == (256,)
-  assert evaluate.default_scales(fixed, multi_scale=True) == (224, 256, 288)
-  jittered = _tiny_config(crop_size=224, scale_min=256, scale_max=512)
-  assert evaluate.default_scales(jittered) == (384,)
-  assert evaluate.default_scales(jittered, multi_scale=True) == (256, 384, 512)
-  quick = _tiny_config(scale_min=32, scale_max=48)
-  assert evaluate.default_scales(quick) == (40,)
-  assert evaluate.default_scales(quick, multi_scale=True) == (32, 40, 48)
-  # S - 32 would be below the crop: raised to it, duplicates dropped.
-  small = _tiny_config(scale_min=32, scale_max=32)
-  assert evaluate.default_scales(small, multi_scale=True) == (32, 64)
-
-
-def test_parsers_reject_bad_input():
-  assert evaluate.parse_scales('256, 384,512') == (256, 384, 512)
-  assert evaluate.parse_scales(None) is None
-  with pytest.raises(ValueError, match='comma-separated integers'):
-    evaluate.parse_scales('256,big')
-  assert evaluate.parse_protocols('dense,multi_crop') == ('dense',
-                                                          'multi_crop')
-  with pytest.raises(ValueError, match='Unknown protocol'):
-    evaluate.parse_protocols('dense,dens')
-
-
-def test_config_overrides_are_typed():
-  overrides, rest = evaluate.parse_config_overrides(
-      ['--workdir=x', '--config.input.scale_min=384',
-       '--config.input.mean_rgb=1,2,3', '--config.data.manual_dir=/d',
-       '--config.input.random_flip=false', '--config.train.learning_rate=1'])
-  assert rest == ['--workdir=x']
-  config = evaluate.apply_overrides(base.get_config(), overrides)
-  assert config.input.scale_min == 384
-  assert tuple(config.input.mean_rgb) == (1.0, 2.0, 3.0)
-  assert config.data.manual_dir == '/d'
-  assert config.input.random_flip is False
-  assert config.train.learning_rate == 1.0
-  with pytest.raises(ValueError, match='Unknown config field'):
-    evaluate.apply_overrides(base.get_config(), {'input.scale': '3'})
-  with pytest.raises(ValueError, match='scale_min'):
-    evaluate.apply_overrides(base.get_config(), {'input.scale_min': 'big'})
-
-
-def test_dense_equals_hand_computed_score_map_average(model, images):
-  canvas, sizes = _canvas(images, 96)
-  dense = jax.jit(lambda x, v, flip: evaluate.dense_posteriors(
-      model, x, v, flip=flip), static_argnums=2)
-  got = np.asarray(dense(canvas, sizes, False))
-  got_flip = np.asarray(dense(canvas, sizes, True))
-  score_map = jax.jit(lambda x: model.score_map(x))
-  for i, im in enumerate(images):
-    # The paper's recipe on the unpadded image: score map, mean, softmax.
-    scores = np.asarray(score_map(jnp.asarray(im[None])))
-    want = _softmax(scores.mean(axis=(1, 2)))[0]
-    np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-6)
-    flipped = np.asarray(score_map(jnp.asarray(im[None, :, ::-1])))
-    want_flip = _softmax(flipped.mean(axis=(1, 2)))[0]
-    np.testing.assert_allclose(got_flip[i], 0.5 * (want + want_flip),
-                               rtol=1e-4, atol=1e-6)
-  # Unequal images give unequal posteriors (the check above is not vacuous).
-  assert np.abs(got[0] - got[1]).max() > 1e-4
-
-
-def test_flip_valid_mirrors_only_the_image():
-  x = jnp.arange(2 * 2 * 5 * 1, dtype=jnp.float32).reshape(2, 2, 5, 1)
-  out = np.asarray(evaluate.flip_valid(x, jnp.array([[2, 3], [2, 5]])))
-  np.testing.assert_array_equal(out[0, 0, :, 0], [2, 1, 0, 3, 4])
-  np.testing.assert_array_equal(out[1, 1, :, 0], [19, 18, 17, 16, 15])
-
-
-def test_multi_crop_visits_the_5x5_grid_and_flips(model, images):
-  canvas, sizes = _canvas(images, 96)
-  crops, offsets = evaluate.multi_crop_windows(canvas, sizes, CROP)
-  crops, offsets = np.asarray(crops), np.asarray(offsets)
-  assert crops.shape == (len(images), 25, CROP, CROP, 3)
-  got = np.asarray(evaluate.multi_crop_posteriors(model, canvas, sizes,
-                                                  crop_size=CROP))
-  for i, im in enumerate(images):
-    h, w = im.shape[:2]
-    want = evaluate.crop_offsets(h, w, CROP)
-    np.testing.assert_array_equal(offsets[i], want)
-    tops, lefts = sorted(set(want[:, 0])), sorted(set(want[:, 1]))
-    assert len(tops) == 5 and len(lefts) == 5  # a regular 5x5 grid
-    assert (tops[0], tops[-1], lefts[0], lefts[-1]) == (0, h - CROP,
-                                                         0, w - CROP)
-    assert np.all(np.diff(tops) > 0) and np.all(np.diff(lefts) > 0)
-    # Each crop is the image window at its offset; with flips, 50 distinct.
-    windows = [im[t:t + CROP, l:l + CROP] for t, l in want]
-    for k, window in enumerate(windows):
-      np.testing.assert_array_equal(crops[i, k], window)
-    all_crops = windows + [c[:, ::-1] for c in windows]
-    assert len({c.tobytes() for c in all_crops}) == 50
-    # The posterior is the mean over the 50 crops' posteriors.
-    batch = jnp.asarray(np.stack(all_crops))
-    want_p = _softmax(np.asarray(model(batch))).mean(axis=0)
-    np.testing.assert_allclose(got[i], want_p, rtol=1e-4, atol=1e-6)
-
-
-def test_crop_offsets_need_an_image_at_least_the_crop():
-  with pytest.raises(ValueError, match='smaller than the 32'):
-    evaluate.crop_offsets(31, 64, 32)
-
-
 def test_topk_hits_count_only_real_examples():
   rng = np.random.default_rng(1)
   post = jnp.asarray(rng.random((8, 10)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, 8), jnp.int32)
   mask = jnp.asarray([True] * 6 + [False] * 2)
-  top1, top5, count = (int(v) for v in evaluate.topk_hits(post, labels, mask))
+  top1, top5, count = (int(v) for v in metrics.topk_hits(post, labels, mask))
   order = np.argsort(-np.asarray(post), axis=1)
   want1 = sum(order[i, 0] == labels[i] for i in range(6))
   want5 = sum(labels[i] in order[i, :5] for i in range(6))
@@ -255,7 +84,7 @@ def loop(fashion_idx_dir, tmp_path_factory):
   config = _loop_config(fashion_idx_dir, tmp_path_factory.mktemp('tfds'))
   model = _loop_model()
   results = evaluate.evaluate(
-      [evaluate.Member(model, config)], protocols=evaluate.PROTOCOLS,
+      [evaluate.Member(model, config)], protocols=protocols.PROTOCOLS,
       scales=SCALES, return_posteriors=True)
   return config, model, results
 
@@ -266,7 +95,7 @@ def _split_labels():
 
 def test_loop_counts_every_example_once_and_scores_its_posteriors(loop):
   _, _, results = loop
-  assert set(results) == set(evaluate.PROTOCOLS)
+  assert set(results) == set(protocols.PROTOCOLS)
   for name, r in results.items():
     labels = _split_labels()
     assert r['num_examples'] == SPLIT_SIZE, name
@@ -307,7 +136,7 @@ def test_dense_compiles_one_program_per_scale(loop):
 def test_loop_dense_equals_protocol_on_the_pipeline_batch(loop):
   config, model, results = loop
   model.eval()
-  dense = jax.jit(lambda x, v: evaluate.dense_posteriors(model, x, v))
+  dense = jax.jit(lambda x, v: protocols.dense_posteriors(model, x, v))
   want = 0.0
   for q in SCALES:
     batch = next(iter(input_pipeline.create_eval_iterator(
@@ -374,7 +203,6 @@ def _run_devices(loop_config, model, tmp_path, devices, procs=1,
                            cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)]
   else:
-    import portpicker  # pylint: disable=g-import-not-at-top
     code = code.replace("'localhost:0'",
                         f"'localhost:{portpicker.pick_unused_port()}'")
     env['JAX_CPU_COLLECTIVES_IMPLEMENTATION'] = 'gloo'
@@ -388,6 +216,7 @@ def _run_devices(loop_config, model, tmp_path, devices, procs=1,
   return dict(np.load(out))
 
 
+@pytest.mark.slow  # fresh processes with fake devices
 def test_four_devices_match_one_device(loop, tmp_path):
   config, model, results = loop
   four = _run_devices(config, model, tmp_path, devices=4)
@@ -419,11 +248,17 @@ def _save_run(workdir, model, config, step=3):
   return str(workdir)
 
 
+@pytest.fixture(scope='module')
+def saved_run(loop, tmp_path_factory):
+  config, model, _ = loop
+  return _save_run(tmp_path_factory.mktemp('saved') / 'run', model, config)
+
+
 def test_cli_evaluates_an_ensemble_and_writes_json_and_tensorboard(
-    loop, tmp_path, capsys):
-  config, model, results = loop
-  run = _save_run(tmp_path / 'run', model, config)
-  rc = evaluate.main([
+    loop, saved_run, capsys):
+  config, _, results = loop
+  run = saved_run
+  rc = cli.call(evaluate.define_flags, evaluate.main, [
       f'--workdir={run}', '--checkpoint=best', '--protocol=dense',
       '--scales=32,48', f'--ensemble={run}',
       '--config.train.eval_batch_size=8',
@@ -442,23 +277,73 @@ def test_cli_evaluates_an_ensemble_and_writes_json_and_tensorboard(
   assert got['num_examples'] == SPLIT_SIZE
   for key in ('top1_error', 'top5_error'):
     assert got[key] == pytest.approx(results['dense'][key])
+  assert 'posteriors' not in got
   events = event_accumulator.EventAccumulator(os.path.join(run, 'eval'))
   events.Reload()
   tags = events.Tags()['tensors'] + events.Tags()['scalars']
   assert 'dense_q32-48_test_ensemble2/top1_error' in tags
+  assert reporting.result_name(got) == 'dense_q32-48_test_ensemble2'
 
 
-def test_cli_rejects_bad_arguments_clearly(loop, tmp_path):
-  config, model, _ = loop
-  run = _save_run(tmp_path / 'run', model, config)
-  with pytest.raises(ValueError, match='Unknown protocol'):
-    evaluate.main([f'--workdir={run}', '--protocol=dence'])
-  with pytest.raises(ValueError, match='smaller than the crop'):
-    evaluate.main([f'--workdir={run}', '--scales=16'])
-  with pytest.raises(ValueError, match='Unknown config field'):
-    evaluate.main([f'--workdir={run}', '--config.data.dir=x'])
+def test_config_overrides_are_typed_and_reach_every_member(saved_run):
+  loaded = []
+  def load(flag_values):
+    loaded.extend(evaluate.members_from_flags(flag_values))
+  rc = cli.call(evaluate.define_flags, load, [
+      f'--workdir={saved_run}', f'--ensemble={saved_run}',
+      '--config.input.scale_min=384', '--config.input.mean_rgb=1,2,3',
+      '--config.data.manual_dir=/d', '--config.input.random_flip=false',
+      '--config.train.learning_rate=1'])
+  assert rc == 0 and len(loaded) == 2
+  for member in loaded:
+    config = member.config
+    assert config.input.scale_min == 384
+    assert tuple(config.input.mean_rgb) == (1.0, 2.0, 3.0)
+    assert config.data.manual_dir == '/d'
+    assert config.input.random_flip is False
+    assert config.train.learning_rate == 1.0
+    assert member.step == 3
+  # Not written back: the run's own config is unchanged.
+  assert checkpointing.read_config(saved_run).input.scale_min == 32
 
 
+@pytest.mark.parametrize('arg, message, named', [
+    ('--protocol=dence', 'Unknown protocol', 'dence'),
+    ('--scales=16', 'smaller than the crop', '16'),
+    ('--scales=16,big', 'comma-separated integers', '16,big'),
+    ('--config.data.dir=x', 'Unknown config field', '--config.data.dir'),
+    ('--config.input.scale_min=big', 'scale_min', 'big'),
+    ('--batch_size=many', 'batch_size', 'many'),
+])
+def test_cli_rejects_bad_arguments_in_one_line(saved_run, capsys, arg,
+                                               message, named):
+  rc = cli.call(evaluate.define_flags, evaluate.main,
+                [f'--workdir={saved_run}', arg])
+  err = capsys.readouterr().err
+  assert rc == 1
+  errors = [line for line in err.splitlines() if ': error: ' in line]
+  assert len(errors) == 1, err
+  assert message in errors[0] and named in errors[0], errors[0]
+  assert 'Traceback' not in err
+
+
+@pytest.mark.parametrize('program', ['vgg_jax.evaluate', 'vgg_jax.predict'])
+def test_helpfull_lists_the_programs_flags(program):
+  out = subprocess.run([sys.executable, '-m', program, '--helpfull'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert f'{program.replace(".", "/")}.py:' in out.stdout, out.stderr[-2000:]
+  for flag in ('--workdir', '--checkpoint', '--protocol', '--scales',
+               '--config:'):
+    assert flag in out.stdout
+  assert 'Traceback' not in out.stderr
+
+
+def test_cli_needs_a_workdir(capsys):
+  rc = cli.call(evaluate.define_flags, evaluate.main, ['--protocol=dense'])
+  assert rc == 1 and 'workdir' in capsys.readouterr().err
+
+
+@pytest.mark.slow  # fresh processes with fake devices
 def test_two_processes_match_one_process(loop, tmp_path):
   config, model, _ = loop
   want = evaluate.evaluate([evaluate.Member(model, config)], protocols='dense',
@@ -473,6 +358,13 @@ def test_two_processes_match_one_process(loop, tmp_path):
   np.testing.assert_allclose(two['dense/posteriors'], want['posteriors'],
                              rtol=1e-4, atol=1e-6)
   assert float(two['dense/top1_error']) == pytest.approx(want['top1_error'])
+
+
+def _tiny_config(**input_fields):
+  config = base.get_config()
+  config.input.crop_size = CROP
+  config.input.update(input_fields)
+  return config
 
 
 def _fake_iterator(seen, *, batches=3, label_shift=None):
@@ -493,7 +385,8 @@ def _fake_iterator(seen, *, batches=3, label_shift=None):
   return iterator_fn
 
 
-def test_custom_batches_share_the_workers_and_must_agree(model):
+def test_custom_batches_share_the_workers_and_must_agree():
+  model = tiny_model()
   config = _tiny_config(scale_min=32, scale_max=48)
   config.data.num_workers = 5
   member = evaluate.Member(model, config)
@@ -512,3 +405,31 @@ def test_custom_batches_share_the_workers_and_must_agree(model):
   with pytest.raises(ValueError, match='must be positive'):
     evaluate.evaluate([member], protocols='center_crop', batch_size=0,
                       iterator_fn=_fake_iterator([]))
+
+
+def test_plan_averages_scales_sources_and_members_equally():
+  model = tiny_model()
+  config = _tiny_config(scale_min=32, scale_max=48)
+  caffe = evaluate.Member(model, config, normalization='caffe_bgr',
+                          scales=(32, 48), name='caffe')
+  members = [evaluate.Member(model, config), evaluate.Member(model, config),
+             caffe]
+  plan = eval_plan.make_plan(members, ('multi_crop_dense', 'center_crop'),
+                             None, False, 5, sharding.create_mesh())
+  assert plan.scales == [(40,), (40,), (32, 48)]  # Q = mid of [32, 48]
+  for terms in plan.terms.values():
+    assert sum(c for _, c in terms) == pytest.approx(1.0)
+    by_member = [sum(c for (i, _, _), c in terms if i == m) for m in range(3)]
+    np.testing.assert_allclose(by_member, [1 / 3] * 3)
+  assert len(plan.terms['multi_crop_dense']) == 2 + 2 + 2 * 2
+  # One program per source for the two alike members, others for caffe_bgr.
+  assert plan.programs[0] == plan.programs[1]
+  assert plan.programs[2]['dense'] is not plan.programs[0]['dense']
+  assert len(plan.all_programs()) == 2 * 3
+  # Centre crops read their own streams; dense and multi-crop share one.
+  assert plan.protocol_streams('multi_crop_dense') == {
+      ('full', 40, None), ('full', 32, None), ('full', 48, None)}
+  assert len(plan.stream_keys()) == 6
+  with pytest.raises(ValueError, match='caffe: test scale 16 is smaller'):
+    eval_plan.make_plan([caffe, members[0]], ('dense',), (16,), False, 5,
+                        sharding.create_mesh())

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from test_evaluate import _save_run
-from test_evaluate import tiny_model
-from vgg_jax import evaluate
+from test_protocols import tiny_model
+from vgg_jax import cli
+from vgg_jax import eval_plan
 from vgg_jax import predict
 from vgg_jax import preprocessing
 from vgg_jax.configs import base
@@ -23,8 +24,18 @@ def member():
   config = base.get_config()
   config.input.update(crop_size=32, scale_min=32, scale_max=48,
                       normalization='imagenet_mean_std')
-  return evaluate.Member(tiny_model(), config,
+  return eval_plan.Member(tiny_model(), config,
                          metadata={'class_names': NAMES})
+
+
+@pytest.fixture(scope='module')
+def saved_run(member, tmp_path_factory):
+  """A workdir of a 10-class tiny net with numbered class names."""
+  config = member.config.copy_and_resolve_references()
+  config.model.update(name='vgg11', num_classes=10, width_multiplier=1 / 16,
+                      fc6_kernel=1, init='he')
+  return _save_run(tmp_path_factory.mktemp('predict') / 'run',
+                   tiny_model(num_classes=10), config)
 
 
 @pytest.fixture
@@ -84,13 +95,11 @@ def test_dense_prediction_is_the_papers_recipe(member):
 
 
 def test_cli_prints_top5_json_and_fails_on_any_bad_image(
-    member, image_files, tmp_path, capsys):
-  config = member.config.copy_and_resolve_references()
-  config.model.update(name='vgg11', num_classes=10, width_multiplier=1 / 16,
-                      fc6_kernel=1, init='he')
-  run = _save_run(tmp_path / 'run', tiny_model(num_classes=10), config)
-  rc = predict.main([f'--workdir={run}', '--json', image_files['rgb'],
-                     image_files['corrupt']])
+    saved_run, image_files, capsys):
+  run = saved_run
+  rc = cli.call(predict.define_flags, predict.main,
+                [f'--workdir={run}', '--json', image_files['rgb'],
+                 image_files['corrupt']], positional=True)
   captured = capsys.readouterr()
   assert rc == 1
   results = json.loads(captured.out)
@@ -99,8 +108,9 @@ def test_cli_prints_top5_json_and_fails_on_any_bad_image(
   assert results[0]['predictions'][0]['class_name'].startswith('class_')
   assert 'error' in results[1]
   assert '1 of 2 image(s) failed' in captured.err
-  rc = predict.main([f'--workdir={run}', '--protocol=center_crop',
-                     image_files['grey']])
+  rc = cli.call(predict.define_flags, predict.main,
+                [f'--workdir={run}', '--protocol=center_crop',
+                 image_files['grey']], positional=True)
   captured = capsys.readouterr()
   assert rc == 0
   assert captured.out.splitlines()[0] == image_files['grey']
@@ -108,9 +118,28 @@ def test_cli_prints_top5_json_and_fails_on_any_bad_image(
 
 
 def test_class_names_fall_back_to_numbers_without_metadata(member, tmp_path):
-  bare = evaluate.Member(member.model,
+  bare = eval_plan.Member(member.model,
                          member.config.copy_and_resolve_references())
   bare.config.data.dataset = 'image_folder'
   bare.config.data.manual_dir = str(tmp_path / 'absent')
   assert predict.class_names(bare) == [f'class {i}' for i in range(5)]
   assert predict.class_names(member) == NAMES
+
+
+@pytest.mark.parametrize('args, named', [
+    (['--protocol=multi_crop'], 'multi_crop'),
+    (['--scales=16'], '16'),
+    (['--config.data.dir=x'], '--config.data.dir'),
+    (['--top_k=five'], 'five'),
+    ([], 'No image files'),
+])
+def test_cli_rejects_bad_arguments_in_one_line(saved_run, image_files, capsys,
+                                               args, named):
+  images = [image_files['rgb']] if args else []
+  rc = cli.call(predict.define_flags, predict.main,
+                [f'--workdir={saved_run}', *args, *images], positional=True)
+  err = capsys.readouterr().err
+  assert rc == 1
+  errors = [line for line in err.splitlines() if ': error: ' in line]
+  assert len(errors) == 1 and named in errors[0], err
+  assert 'Traceback' not in err

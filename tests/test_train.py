@@ -1,12 +1,10 @@
-"""Training: the step, the recipe, checkpoints, resume, init from net A."""
+"""Training: the state, the step, the recipe, the loop, resume, NaN stop."""
 
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -15,54 +13,107 @@ import pytest
 from flax import nnx
 
 from vgg_jax import checkpointing
+from vgg_jax import metrics
 from vgg_jax import models
 from vgg_jax import optim
+from vgg_jax import sharding
+from vgg_jax import steps
 from vgg_jax import train
+from vgg_jax import weights
+from vgg_jax.configs import base
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _tiny_setup(config, name='vgg11'):
-  model = models.create_model(name, width_multiplier=1 / 16,
-                              num_classes=10, fc6_kernel=1, init='he')
-  model.train()
-  graphdef, params, stats, rest = train.split_model(model)
-  tx = optim.create_optimizer(config, params)
-  state = dict(step=jnp.zeros((), jnp.int32), params=params,
-               batch_stats=stats, opt_state=tx.init(params))
-  step = jax.jit(train.make_train_step(
-      graphdef, rest, tx, lambda x: x.astype(jnp.float32) / 255.0 - 0.5,
-      seed=0))
-  return state, step
+def _fixed_batch(n=16):
+  rng = np.random.RandomState(0)
+  return dict(image=jnp.asarray(rng.randint(0, 255, (n, 32, 32, 3)),
+                                jnp.uint8),
+              label=jnp.asarray(rng.randint(0, 10, n), jnp.int32))
 
 
 @pytest.mark.parametrize('name', ['vgg11', 'vgg11_bn'])
 def test_train_step_lowers_loss_on_a_fixed_batch(tiny_config, name):
-  state, step = _tiny_setup(tiny_config, name)
-  stats_before = jax.tree.map(np.asarray, state['batch_stats'])
-  rng = np.random.RandomState(0)
-  batch = dict(image=jnp.asarray(rng.randint(0, 255, (16, 32, 32, 3)),
-                                 jnp.uint8),
-               label=jnp.asarray(rng.randint(0, 10, 16), jnp.int32))
+  tiny_config.model.name = name
+  setup, state = steps.create_train_state(tiny_config, sharding.create_mesh())
+  step = steps.jit_train_step(setup, tiny_config)
+  stats_before = jax.tree.map(np.asarray, state.batch_stats)
+  batch = _fixed_batch()
   losses = []
   for _ in range(8):
-    state, metrics, loss = step(state, batch, jnp.float32(0.05))
+    state, step_metrics, loss = step(
+        state, batch, jnp.float32(tiny_config.train.learning_rate))
     losses.append(float(loss))
   assert losses[-1] < 0.9 * losses[0]
-  assert int(state['step']) == 8
-  assert 0 <= float(metrics.compute()['top1']) <= 1
+  assert isinstance(state, steps.TrainState) and int(state.step) == 8
+  assert 0 <= float(step_metrics.compute()['top1']) <= 1
   if name.endswith('_bn'):  # running statistics move in training mode
     moved = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)),
-                         stats_before, state['batch_stats'])
+                         stats_before, state.batch_stats)
     assert all(jax.tree.leaves(moved))
+  else:
+    assert not jax.tree.leaves(state.batch_stats)
 
 
-def test_topk_correct():
+def test_create_train_state_is_typed_and_sharded(tiny_config):
+  mesh = sharding.create_mesh()
+  seen = []
+
+  def init_weights(model):
+    seen.append(model)
+    model.fc8.bias[...] = jnp.ones_like(model.fc8.bias[...])
+  setup, state = steps.create_train_state(tiny_config, mesh,
+                                          init_weights=init_weights)
+  assert isinstance(state, steps.TrainState) and int(state.step) == 0
+  assert len(seen) == 1  # the hook sees the model before it is split
+  np.testing.assert_array_equal(state.params['fc8']['bias'][...], 1.0)
+  # One sharding per array, and the arrays live where the shardings say.
+  assert (jax.tree.structure(setup.shardings) ==
+          jax.tree.structure(jax.tree.map(lambda x: 0, state)))
+  jax.tree.map(lambda x, s: s.is_equivalent_to(x.sharding, x.ndim) or
+               pytest.fail(f'{x.sharding} != {s}'), state, setup.shardings)
+  abstract = setup.abstract(state)
+  assert isinstance(abstract, steps.TrainState)
+  assert abstract.params['fc6']['kernel'].shape == (
+      state.params['fc6']['kernel'].shape)
+  # The eval graph runs without dropout: deterministic outputs.
+  ev = steps.jit_eval_step(setup, tiny_config)
+  batch = dict(_fixed_batch(8), mask=jnp.ones(8, bool))
+  a, b = ev(state, batch), ev(state, batch)
+  assert float(a['count']) == 8 and float(a['loss']) == float(b['loss'])
+
+
+def test_topk_correct_counts_ties_for_the_label():
   logits = jnp.array([[0.1, 0.5, 0.2, 0.0], [3.0, 1.0, 2.0, 0.0]])
   labels = jnp.array([2, 3])
-  np.testing.assert_array_equal(train.topk_correct(logits, labels, 1), [0, 0])
-  np.testing.assert_array_equal(train.topk_correct(logits, labels, 2), [1, 0])
-  np.testing.assert_array_equal(train.topk_correct(logits, labels, 4), [1, 1])
+  np.testing.assert_array_equal(metrics.topk_correct(logits, labels, 1),
+                                [0, 0])
+  np.testing.assert_array_equal(metrics.topk_correct(logits, labels, 2),
+                                [1, 0])
+  np.testing.assert_array_equal(metrics.topk_correct(logits, labels, 4),
+                                [1, 1])
+  tie = jnp.array([[1.0, 1.0, 0.0]])
+  np.testing.assert_array_equal(metrics.topk_correct(tie, jnp.array([1]), 1),
+                                [1])
+
+
+def test_flat_hparams_are_dotted_scalars(tiny_config):
+  flat = train._flat_hparams(tiny_config)  # pylint: disable=protected-access
+  assert flat['train.batch_size'] == 16
+  assert flat['model.name'] == 'vgg11'
+  assert flat['input.eval_scales'] == '(32,)'  # non-scalars as text
+  assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())
+
+
+def test_bad_config_values_fail_before_any_data(tiny_config, tmp_path):
+  tiny_config.model.name = 'vgg99'
+  with pytest.raises(ValueError, match="Unknown model name 'vgg99'"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+  tiny_config.model.name = 'vgg11'
+  tiny_config.input.eval_scales = (24,)
+  with pytest.raises(ValueError, match=r'Validation scale .* 24 is smaller'):
+    train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
 
 
 def test_plateau_drops_after_patience_at_most_max_drops():
@@ -100,7 +151,6 @@ def test_weight_decay_masks_biases_and_norms_by_default(tiny_config):
 
 
 def test_schedules():
-  from vgg_jax.configs import base
   config = base.get_config()
   config.train.schedule = 'step'
   config.train.step_boundaries_epochs = (1.0, 2.0)
@@ -115,7 +165,7 @@ def test_schedules():
 
 
 def _params(workdir, checkpoint='latest'):
-  params, _, _ = checkpointing.load_variables(str(workdir), checkpoint)
+  params, _, _ = weights.load_variables(str(workdir), checkpoint)
   return params
 
 
@@ -128,14 +178,21 @@ def test_end_to_end_writes_metrics_and_checkpoints(tiny_config, tmp_path,
   summary = train.train_and_evaluate(tiny_config, 'run')
   assert summary['step'] == 8 and summary['stopped'] == 'done'
   assert summary['val_count'] == 40  # the whole tiny test split, once
-  assert 0 <= summary['val_top5'] <= 1 and summary['val_top1'] <= summary['val_top5']
+  assert 0 <= summary['val_top1'] <= summary['val_top5'] <= 1
+  assert [s for s, _ in summary['train_loss_history']] == [2, 4, 6, 8]
+  assert summary['learning_rate'] == pytest.approx(0.01)
   assert (workdir / 'config.json').exists()
-  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
-                 if p.name.isdigit())
-  assert steps == [4, 8]
+  steps_saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
+                       if p.name.isdigit())
+  assert steps_saved == [4, 8]
   events = list(workdir.glob('events.out.tfevents.*'))
   assert events, 'no TensorBoard event file'
-  model, config, meta = checkpointing.load_model(str(workdir))
+  step, meta = checkpointing.read_meta(str(workdir))
+  assert step == 8 and meta['val']['val_count'] == 40
+  assert meta['model']['name'] == 'vgg11' and meta['seed'] == tiny_config.seed
+  assert meta['normalization'] == 'imagenet_mean_std'
+  assert len(meta['class_names']) == 10 and 'plateau' in meta
+  model, config, meta = weights.load_model(str(workdir))
   assert meta['step'] == 8 and config.model.name == 'vgg11'
   assert model(jnp.zeros((1, 32, 32, 3))).shape == (1, 10)
 
@@ -154,124 +211,32 @@ def test_resume_is_exact(tiny_config, tmp_path):
   assert not np.array_equal(a['fc8']['kernel'], c['fc8']['kernel'])
 
 
-def test_config_mismatch_is_a_clear_error(tiny_config, tmp_path):
-  tiny_config.train.max_steps = 2
-  train.train_and_evaluate(tiny_config, str(tmp_path))
+def test_config_mismatch_is_a_clear_error(tiny_config, net_a_copy):
   tiny_config.model.width_multiplier = 1 / 8
   with pytest.raises(checkpointing.CheckpointMismatchError,
-                     match=r'width_multiplier: checkpoint 0.0625 vs config 0.125'):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+                     match=r'width_multiplier: checkpoint 0.0625 vs config '
+                           r'0.125'):
+    train.train_and_evaluate(tiny_config, str(net_a_copy))
+  assert checkpointing.read_meta(str(net_a_copy))[0] == 2  # nothing written
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config,
-                                                              tmp_path):
-  tiny_config.train.max_steps = 2
-  train.train_and_evaluate(tiny_config, str(tmp_path))
+                                                              net_a_copy):
   tiny_config.train.max_steps = 30
   tiny_config.train.log_every_steps = 1
   tiny_config.train.checkpoint_every_steps = 1
   tiny_config.train.learning_rate = 1e12
   with pytest.raises(train.NonFiniteLossError, match=r'at step \d+'):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
-  params = _params(tmp_path)
+    train.train_and_evaluate(tiny_config, str(net_a_copy))
+  params = _params(net_a_copy)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
-
-
-def test_init_from_net_a_copies_exactly_the_stated_layers(tiny_config,
-                                                          tmp_path):
-  tiny_config.train.max_steps = 2
-  train.train_and_evaluate(tiny_config, str(tmp_path / 'a'))
-  src = _params(tmp_path / 'a')
-  tiny_config.model.name = 'vgg16'
-  tiny_config.train.init_from = str(tmp_path / 'a')
-  model = models.create_model('vgg16', **checkpointing.model_options(
-      tiny_config))
-  fresh = nnx.state(model, nnx.Param).to_pure_dict()
-  copied = train.init_from(model, tiny_config)
-  assert copied == ['blocks.0.convs.0', 'blocks.1.convs.0', 'blocks.2.convs.0',
-                    'blocks.2.convs.1', 'fc6', 'fc7', 'fc8']
-  got = nnx.state(model, nnx.Param).to_pure_dict()
-  same = {('blocks', 0, 0), ('blocks', 1, 0), ('blocks', 2, 0), ('blocks', 2, 1)}
-  for b, block in got['blocks'].items():
-    for i, conv in block['convs'].items():
-      src_b = src['blocks'][str(b)] if str(b) in src['blocks'] else src['blocks'][b]
-      if ('blocks', b, i) in same:
-        convs = src_b['convs']
-        np.testing.assert_array_equal(
-            conv['kernel'], convs[str(i)]['kernel'] if str(i) in convs
-            else convs[i]['kernel'])
-      else:
-        np.testing.assert_array_equal(conv['kernel'],
-                                      fresh['blocks'][b]['convs'][i]['kernel'])
-  for fc in ('fc6', 'fc7', 'fc8'):
-    np.testing.assert_array_equal(got[fc]['kernel'], src[fc]['kernel'])
-
-
-def test_init_from_shape_mismatch_is_a_clear_error(tiny_config, tmp_path):
-  tiny_config.train.max_steps = 1
-  train.train_and_evaluate(tiny_config, str(tmp_path / 'a'))
-  tiny_config.model.name = 'vgg13'
-  tiny_config.model.width_multiplier = 1 / 8
-  tiny_config.train.init_from = str(tmp_path / 'a')
-  model = models.create_model('vgg13', **checkpointing.model_options(
-      tiny_config))
-  with pytest.raises(checkpointing.CheckpointMismatchError,
-                     match=r'blocks.0.convs.0.(kernel|bias) has shape'):
-    train.init_from(model, tiny_config)
-  tiny_config.model.name = 'vgg13_bn'
-  with pytest.raises(checkpointing.CheckpointMismatchError, match='holds vgg11'):
-    train.init_from(models.create_model('vgg13_bn', width_multiplier=1 / 8,
-                                        fc6_kernel=1, num_classes=10),
-                    tiny_config)
-
-
-def _cli(config, workdir, extra=(), env=None):
-  """Command line for main.py with the tiny config's overrides."""
-  args = [sys.executable, '-m', 'vgg_jax.main',
-          f'--config={REPO}/configs/quickstart.py', f'--workdir={workdir}']
-  for key in ('data.manual_dir', 'data.data_dir', 'data.num_workers',
-              'model.name', 'model.width_multiplier', 'train.batch_size',
-              'train.eval_batch_size', 'train.max_steps',
-              'train.log_every_steps', 'train.eval_every_steps',
-              'train.checkpoint_every_steps', 'train.learning_rate'):
-    node = config
-    for part in key.split('.'):
-      node = node[part]
-    args.append(f'--config.{key}={node}')
-  return args + list(extra)
-
-
-def test_sigterm_saves_a_restorable_checkpoint(tiny_config, tmp_path):
-  tiny_config.train.max_steps = 100000
-  tiny_config.train.log_every_steps = 1
-  workdir = tmp_path / 'run'
-  proc = subprocess.Popen(_cli(tiny_config, workdir), cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-  lines = []
-  deadline = time.monotonic() + 240
-  for line in proc.stdout:
-    lines.append(line)
-    if 'step 5/' in line or time.monotonic() > deadline:
-      break
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  log = ''.join(lines) + out
-  assert proc.returncode == 0, log[-3000:]
-  assert 'SIGTERM received' in log and 'preempted' in log
-  step, meta = checkpointing.read_meta(str(workdir))
-  assert step >= 5 and meta['step'] == step
-  # The run resumes from there.
-  tiny_config.train.max_steps = step + 2
-  summary = train.train_and_evaluate(tiny_config, str(workdir))
-  assert summary['step'] == step + 2
 
 
 _LOSSES = '''
 import json, sys
 sys.path.insert(0, {tests!r})
 from conftest import load_config
-from vgg_jax import train, checkpointing
+from vgg_jax import train, weights
 import jax
 if {procs} > 1:
   jax.distributed.initialize('localhost:{port}', num_processes={procs},
@@ -279,7 +244,7 @@ if {procs} > 1:
 config = load_config('quickstart')
 config.update_from_flattened_dict(json.loads({overrides!r}))
 summary = train.train_and_evaluate(config, {workdir!r} + '/' + str(jax.process_count()))
-params, _, _ = checkpointing.load_variables({workdir!r} + '/' + str(jax.process_count()))
+params, _, _ = weights.load_variables({workdir!r} + '/' + str(jax.process_count()))
 import numpy as np
 print('RESULT', json.dumps(dict(devices=jax.device_count(),
       losses=[l for _, l in summary['train_loss_history']],
@@ -327,6 +292,7 @@ def _run_losses(tiny_config, tmp_path, devices_per_proc, procs):
   return json.loads(line[len('RESULT'):])
 
 
+@pytest.mark.slow
 def test_four_devices_match_one_device(tiny_config, tmp_path):
   one = _run_losses(tiny_config, tmp_path / 'one', 1, 1)
   four = _run_losses(tiny_config, tmp_path / 'four', 4, 1)
@@ -339,6 +305,7 @@ def test_four_devices_match_one_device(tiny_config, tmp_path):
   assert four['fc8'] == pytest.approx(one['fc8'], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tiny_config, tmp_path):
   one = _run_losses(tiny_config, tmp_path / 'one', 4, 1)
   two = _run_losses(tiny_config, tmp_path / 'two', 2, 2)

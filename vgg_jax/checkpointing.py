@@ -1,4 +1,4 @@
-"""Orbax checkpoints of training runs, and loading models from them.
+"""Orbax checkpoints of training runs: what a workdir holds and how to read it.
 
 A workdir holds ``config.json`` (the run's config) and ``checkpoints/<step>/``
 with three items saved together:
@@ -11,38 +11,52 @@ with three items saved together:
 The last ``keep_checkpoints`` are kept plus the best by validation top-1.
 Saves are asynchronous; a save is only visible once complete, so a run that
 dies mid-save leaves the previous checkpoint intact.
+
+A checkpoint damaged afterwards (a truncated or deleted array file, missing
+or unparsable metadata) is found by `find_damage` from the files and
+TensorStore's OCDBT index alone, without reading the arrays, and reported as
+a `DamagedCheckpointError` naming the step and the file.
+
+Loading a model from a workdir for inference, or layers from one into a new
+run (``train.init_from``), is ``vgg_jax.weights``' job.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from typing import Any
+import time
+from typing import Any, Iterator, Mapping
 
+import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from absl import logging
 from etils import epath
-from flax import nnx
+from jax.experimental import multihost_utils
 
 from vgg_jax import models
+from vgg_jax import paths
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
-# Model options that change the parameter shapes or meaning: a checkpoint is
-# only loadable into a model that agrees on all of them.
-ARCHITECTURE_FIELDS = ('name', 'num_classes', 'width_multiplier', 'fc6_kernel',
-                       'in_channels')
+# Where training moves damaged checkpoints, next to CHECKPOINT_DIR (outside
+# it, so Orbax never lists them and a new save of the same step can happen).
+DAMAGED_DIR = 'damaged_checkpoints'
+ITEM_NAMES = ('state', 'meta', 'data')
 
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the model the config asks for."""
 
 
-def absolute(path: str) -> str:
-  """Local paths made absolute (Orbax requires it); URLs (gs://) unchanged."""
-  path = str(path)
-  return path if '://' in path else os.path.abspath(path)
+class DamagedCheckpointError(ValueError):
+  """A checkpoint's files are missing, truncated or unreadable."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """Writing a checkpoint failed (a full disk, a file-size limit, a peer)."""
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -70,13 +84,6 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """``create_model`` keyword options from ``config.model`` (name excluded)."""
-  opts = dict(config.model)
-  opts.pop('name')
-  return opts
-
-
 def create_manager(workdir: str, config: ml_collections.ConfigDict
                    ) -> ocp.CheckpointManager:
   """The run's checkpoint manager: last N plus the best, async saves.
@@ -95,17 +102,20 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict
       best_fn=_top1, best_mode='max',
       enable_async_checkpointing=True, create=True)
   return ocp.CheckpointManager(
-      epath.Path(absolute(workdir)) / CHECKPOINT_DIR, options=options,
-      item_names=('state', 'meta', 'data'))
+      paths.absolute(workdir) / CHECKPOINT_DIR, options=options,
+      item_names=ITEM_NAMES)
 
 
 def _top1(metrics: dict[str, float]) -> float:
   return float(metrics['val_top1'])
 
 
-def check_compatible(saved_model: dict[str, Any],
+def check_compatible(saved_model: Mapping[str, Any],
                      config: ml_collections.ConfigDict, where: str) -> None:
   """Raises if a checkpoint's model config differs in shape-relevant fields.
+
+  Fields missing on either side take their ``models.ModelOptions`` defaults
+  (older checkpoints lack ``in_channels``).
 
   Args:
     saved_model: the ``model`` entry of the checkpoint's metadata.
@@ -115,12 +125,9 @@ def check_compatible(saved_model: dict[str, Any],
   Raises:
     CheckpointMismatchError: listing every differing field.
   """
-  current = dict(name=config.model.name, **model_options(config))
-  current.setdefault('in_channels', 3)
-  saved = dict(saved_model)
-  saved.setdefault('in_channels', 3)
-  diffs = [f'{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}'
-           for k in ARCHITECTURE_FIELDS if saved.get(k) != current.get(k)]
+  saved, current = _architecture(saved_model), _architecture(config.model)
+  diffs = [f'{k}: checkpoint {saved[k]!r} vs config {current[k]!r}'
+           for k in saved if saved[k] != current[k]]
   if diffs:
     raise CheckpointMismatchError(
         f'The checkpoint in {where} was written for a different model; '
@@ -128,22 +135,41 @@ def check_compatible(saved_model: dict[str, Any],
         '. Use another --workdir, or make the config match.')
 
 
+def _architecture(model_config: Mapping[str, Any]) -> dict[str, Any]:
+  """The name and the shape-relevant options of a model config."""
+  options = models.ModelOptions.from_config(model_config).as_dict()
+  return dict(name=model_config.get('name'),
+              **{k: options[k] for k in models.ARCHITECTURE_FIELDS})
+
+
 def restore_args(abstract_state: Any, data_iterator: Any | None):
-  """Composite restore args for ``state``, ``meta`` and (optionally) ``data``."""
-  from vgg_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  """Composite restore args for ``state``, ``meta`` and (optionally) ``data``.
+
+  Args:
+    abstract_state: the state tree with ``jax.ShapeDtypeStruct`` leaves
+      (their shardings say where the arrays go).
+    data_iterator: a fresh training iterator restored in place, or None.
+  """
   items = dict(state=ocp.args.StandardRestore(abstract_state),
                meta=ocp.args.JsonRestore())
   if data_iterator is not None:
-    items['data'] = input_pipeline.checkpoint_restore_args(data_iterator)
+    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   return ocp.args.Composite(**items)
 
 
 def save_args(state: Any, meta: dict[str, Any], data_iterator: Any | None):
-  """Composite save args for ``state``, ``meta`` and (optionally) ``data``."""
-  from vgg_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  """Composite save args for ``state``, ``meta`` and (optionally) ``data``.
+
+  Args:
+    state: the train state (arrays).
+    meta: JSON-serialisable metadata.
+    data_iterator: the training iterator (each process writes its own
+      position; restoring needs the same process count and
+      ``config.data.num_workers``), or None.
+  """
   items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
   if data_iterator is not None:
-    items['data'] = input_pipeline.checkpoint_save_args(data_iterator)
+    items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   return ocp.args.Composite(**items)
 
 
@@ -167,127 +193,274 @@ def _resolve_step(manager: ocp.CheckpointManager, checkpoint: str | int,
   return step
 
 
+def _checkpoint_dir(workdir: str) -> epath.Path:
+  return paths.absolute(workdir) / CHECKPOINT_DIR
+
+
 def read_meta(workdir: str, checkpoint: str | int = 'latest'
               ) -> tuple[int, dict[str, Any]]:
-  """The step and metadata of one checkpoint of a workdir."""
-  where = str(epath.Path(absolute(workdir)) / CHECKPOINT_DIR)
-  with ocp.CheckpointManager(where, item_names=('state', 'meta', 'data'),
+  """The step and metadata of one intact checkpoint of a workdir.
+
+  Args:
+    workdir: the run's workdir.
+    checkpoint: ``latest``, ``best`` or a step number.
+
+  Raises:
+    FileNotFoundError: no checkpoint, or none at that step.
+    DamagedCheckpointError: that checkpoint is damaged (`find_damage`).
+    ValueError: a ``checkpoint`` that is none of the above.
+  """
+  where = str(_checkpoint_dir(workdir))
+  with ocp.CheckpointManager(where, item_names=ITEM_NAMES,
                              options=ocp.CheckpointManagerOptions(
                                  read_only=True, best_fn=_top1,
                                  best_mode='max')) as mgr:
     step = _resolve_step(mgr, checkpoint, where)
+    _check_intact(workdir, step)
     meta = mgr.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))['meta']
   return step, meta
 
 
-def load_variables(path: str, checkpoint: str | int = 'latest'
-                   ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-  """Parameters and BN statistics of a workdir or pretrained dir, as dicts.
+def read_state(workdir: str, step: int) -> dict[str, Any]:
+  """The ``state`` item of one checkpoint as saved, without a target tree.
 
   Args:
-    path: a training workdir or a directory written by ``vgg_jax.convert``.
-    checkpoint: for workdirs: ``latest``, ``best`` or a step.
+    workdir: the run's workdir.
+    step: an existing checkpoint step (e.g. from ``read_meta``).
 
   Returns:
-    ``(params, batch_stats, meta)``: nested dicts of arrays (as in
-    ``nnx.State.to_pure_dict()``) and the checkpoint metadata, whose ``model``
-    entry holds the model name and options.
+    Nested dicts of arrays: ``step``, ``params``, ``batch_stats``,
+    ``opt_state``, with Orbax's string list indices and variable boxes
+    (``trees.canonical`` removes both).
+
+  Raises:
+    DamagedCheckpointError: the arrays could not be read.
   """
-  from vgg_jax import pretrained  # pylint: disable=g-import-not-at-top
-  if pretrained.is_pretrained_dir(path):
-    state, meta = pretrained.load_state_dict(path)
-    params, stats = _split_pure(state)
-    return params, stats, meta
-  step, meta = read_meta(path, checkpoint)
-  where = epath.Path(absolute(path)) / CHECKPOINT_DIR / str(step) / 'state'
-  raw = _strip_variable_boxes(ocp.StandardCheckpointer().restore(where))
-  meta = dict(meta, step=step)
-  return raw['params'], raw.get('batch_stats', {}), meta
+  where = _checkpoint_dir(workdir) / str(step) / 'state'
+  try:
+    return ocp.StandardCheckpointer().restore(where)
+  except Exception as e:  # pylint: disable=broad-except
+    # TensorStore and Orbax raise ValueError, OSError or plain Exception for
+    # unreadable files; one line naming the checkpoint is what a user needs.
+    raise DamagedCheckpointError(
+        f'Checkpoint {step} in {where.parent.parent} could not be read: '
+        f'{error_summary(e)}') from e
 
 
-def _strip_variable_boxes(tree):
-  """nnx.State saves each variable as ``{'value': array}``; unbox them."""
-  if isinstance(tree, dict):
-    if set(tree) == {'value'} and not isinstance(tree['value'], dict):
-      return tree['value']
-    return {k: _strip_variable_boxes(v) for k, v in tree.items()}
-  return tree
+def error_summary(error: BaseException) -> str:
+  """The innermost cause of ``error``, on one line (TensorStore nests them)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = ' '.join(str(error).split()) or type(error).__name__
+  return text if len(text) <= 400 else text[:400] + '...'
 
 
-def _split_pure(state: dict[str, Any]):
-  """Splits a full pure state dict into (params, batch_stats)."""
-  params, stats = {}, {}
+def steps_on_disk(workdir: str) -> list[int]:
+  """The checkpoint steps of a workdir, newest first, intact or not.
 
-  def walk(node, p_out, s_out):
-    for k, v in node.items():
-      if isinstance(v, dict):
-        walk(v, p_out.setdefault(k, {}), s_out.setdefault(k, {}))
-      elif k in ('mean', 'var'):
-        s_out[k] = v
-      else:
-        p_out[k] = v
-  walk(state, params, stats)
-  return params, stats
+  Unfinished saves (Orbax's ``<step>.orbax-checkpoint-tmp`` directories) are
+  not checkpoints and are left out.
+  """
+  where = _checkpoint_dir(workdir)
+  if not where.exists():
+    return []
+  return sorted((int(p.name) for p in where.iterdir()
+                 if p.name.isdigit() and p.is_dir()), reverse=True)
 
 
-def load_model(path: str, *, checkpoint: str | int = 'latest'
-               ) -> tuple[models.VGG, ml_collections.ConfigDict, dict[str, Any]]:
-  """A model ready for inference from a training workdir or pretrained dir.
+def find_damage(workdir: str, step: int) -> str | None:
+  """What is wrong with one checkpoint's files, or None if nothing is.
+
+  Reads the JSON metadata and TensorStore's OCDBT index of the arrays, not
+  the arrays themselves: every array file the index refers to must exist
+  and hold at least the bytes the index places in it.
 
   Args:
-    path: a training workdir (``config.json`` + ``checkpoints/``) or a
-      directory written by ``python -m vgg_jax.convert``.
-    checkpoint: for workdirs: ``latest``, ``best`` or a step number.
+    workdir: the run's workdir.
+    step: a checkpoint step.
 
   Returns:
-    ``(model, config, metadata)``; the model is in eval mode; ``metadata`` has
-    ``normalization``, ``mean_rgb``, ``class_names`` and ``step``.
+    ``'<file, relative to the checkpoint>: <what is wrong>'`` for the first
+    damaged file found, or None.
   """
-  from vgg_jax import pretrained  # pylint: disable=g-import-not-at-top
-  from vgg_jax.configs import base  # pylint: disable=g-import-not-at-top
-  if pretrained.is_pretrained_dir(path):
-    model, meta = pretrained.load_pretrained(path)
-    config = base.get_config()
-    config.model.update({k: v for k, v in meta['model'].items()
-                         if k in config.model})
-    config.input.normalization = meta['normalization']
-    if meta.get('mean_rgb'):
-      config.input.mean_rgb = tuple(meta['mean_rgb'])
-    meta = dict(meta, step=0)
+  root = _checkpoint_dir(workdir) / str(step)
+  return _damaged_json(root) or _damaged_arrays(root / 'state')
+
+
+def _check_intact(workdir: str, step: int) -> None:
+  """Raises a `DamagedCheckpointError` naming the bad file, if there is one."""
+  damage = find_damage(workdir, step)
+  if damage:
+    others = [s for s in steps_on_disk(workdir) if s != step]
+    raise DamagedCheckpointError(
+        f'Checkpoint {step} in {_checkpoint_dir(workdir)} is damaged: '
+        f'{damage}. Other checkpoints there: {others or "none"}.')
+
+
+# JSON files a checkpoint must have, and those it may have, relative to it.
+_REQUIRED_JSON = ('meta/metadata', 'state/_METADATA')
+_OPTIONAL_JSON = ('_CHECKPOINT_METADATA', 'metrics/metrics')
+
+
+def _json_files(root: epath.Path) -> Iterator[tuple[str, bool]]:
+  """``(name, required)`` for every JSON file of a checkpoint."""
+  yield from ((name, True) for name in _REQUIRED_JSON)
+  yield from ((name, False) for name in _OPTIONAL_JSON)
+  if (root / 'data').exists():  # one Grain iterator state per process
+    yield from ((f'data/{p.name}', True)
+                for p in sorted((root / 'data').glob('*.json')))
+
+
+def _damaged_json(root: epath.Path) -> str | None:
+  for name, required in _json_files(root):
+    path = root / name
+    if not path.exists():
+      if required:
+        return f'{name}: missing'
+      continue
+    try:
+      json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+      return f'{name}: unparsable ({e})'
+  return None
+
+
+def _damaged_arrays(state: epath.Path) -> str | None:
+  """Walks the OCDBT B-tree of ``state``, checking every file it refers to."""
+  if not (state / 'manifest.ocdbt').exists():
+    return None  # not OCDBT (older Orbax layouts): restoring checks it
+  try:
+    kvstore = ts.KvStore.open(
+        {'driver': 'file', 'path': str(state) + '/'}).result()
+    versions = ts.ocdbt.dump(kvstore).result()['versions']
+  except Exception as e:  # pylint: disable=broad-except
+    return f'state/manifest.ocdbt: unreadable ({error_summary(e)})'
+  nodes = [versions[-1]['root'].get('location')] if versions else []
+  data_ends: dict[str, int] = {}  # array data file -> the end of its data
+  while nodes:
+    location = nodes.pop()
+    if not location:  # an empty tree
+      continue
+    name, end = _located(location)
+    damage = _damaged_file(state, name, end)
+    if damage:
+      return damage
+    try:
+      entries = ts.ocdbt.dump(kvstore, location).result()['entries']
+    except Exception as e:  # pylint: disable=broad-except
+      return f'state/{name}: unreadable ({error_summary(e)})'
+    for value in (v for entry in entries for v in entry.values()):
+      if isinstance(value, str) and value.startswith('btreenode:'):
+        nodes.append(value)
+      elif isinstance(value, str) and value.startswith('value:'):
+        name, end = _located(value)
+        data_ends[name] = max(end, data_ends.get(name, 0))
+  for name, end in sorted(data_ends.items()):
+    damage = _damaged_file(state, name, end)
+    if damage:
+      return damage
+  return None
+
+
+def _located(location: str) -> tuple[str, int]:
+  """``'value:ocdbt.process_0/:d/ab12:504668:9781'`` -> (file, end byte).
+
+  OCDBT locations are ``kind:base_path:relative_path:offset:length``.
+  """
+  _, rest = location.split(':', 1)
+  path, offset, length = rest.rsplit(':', 2)
+  base, relative = path.split(':', 1)
+  return base + relative, int(offset) + int(length)
+
+
+def _damaged_file(state: epath.Path, name: str, end: int) -> str | None:
+  path = state / name
+  if not path.exists():
+    return f'state/{name}: missing'
+  size = path.stat().length
+  if size < end:
+    return (f'state/{name}: {size} bytes, but the checkpoint\'s index puts '
+            f'data up to byte {end} (truncated)')
+  return None
+
+
+def resume_step(workdir: str, manager: ocp.CheckpointManager, *,
+                strict: bool) -> int | None:
+  """The checkpoint to resume from: the newest one that is not damaged.
+
+  Each damaged checkpoint newer than it is logged in one line naming the
+  step and the file, and moved to ``workdir/damaged_checkpoints`` (so the
+  resumed run can save that step again), with a warning.
+
+  Args:
+    workdir: the run's workdir.
+    manager: its checkpoint manager (reloaded after a move).
+    strict: refuse to pass over a damaged checkpoint
+      (``config.train.strict_resume``).
+
+  Returns:
+    The step, or None when the workdir holds no checkpoint at all.
+
+  Raises:
+    DamagedCheckpointError: the newest is damaged and ``strict``, or every
+      checkpoint is damaged (never a silent start from scratch).
+  """
+  where = _checkpoint_dir(workdir)
+  damaged = []
+  for step in steps_on_disk(workdir):
+    damage = find_damage(workdir, step)
+    if damage is None:
+      break
+    logging.error('Checkpoint %d in %s is damaged: %s', step, where, damage)
+    if strict:
+      raise DamagedCheckpointError(
+          f'Checkpoint {step} in {where} is damaged: {damage}. '
+          'train.strict_resume is set, so not falling back to an older '
+          'checkpoint; unset it to resume from the newest intact one.')
+    damaged.append(step)
   else:
-    config = read_config(path)
-    params, stats, meta = load_variables(path, checkpoint)
-    model = nnx.eval_shape(lambda: models.create_model(
-        config.model.name, **model_options(config)))
-    check_compatible(meta['model'], config, path)
-    graphdef, state = nnx.split(model)
-    pure = state.to_pure_dict()
-    _merge_into(pure, params, path)
-    _merge_into(pure, stats, path)
-    model = nnx.merge(graphdef, state_from_pure(state, pure))
-  model.eval()
-  return model, config, meta
+    if damaged:
+      raise DamagedCheckpointError(
+          f'Every checkpoint in {where} ({damaged}) is damaged (see the '
+          'log); not starting from scratch over them. Move that directory '
+          'away to start a new run in this workdir.')
+    return None
+  if damaged:
+    logging.warning('FALLING BACK to checkpoint %d: the newer %s damaged; '
+                    'training repeats the steps after it.', step, damaged)
+    _set_aside(workdir, damaged)
+    manager.reload()
+  return step
 
 
-def _merge_into(target: dict, source: dict, where: str, prefix=()) -> None:
-  for k, v in source.items():
-    key = int(k) if isinstance(k, str) and k.isdigit() else k
-    if key not in target:
-      raise CheckpointMismatchError(
-          f'{where}: unexpected variable {"/".join(map(str, prefix + (k,)))}.')
-    if isinstance(v, dict):
-      _merge_into(target[key], v, where, prefix + (k,))
-    else:
-      if tuple(target[key].shape) != tuple(v.shape):
-        raise CheckpointMismatchError(
-            f'{where}: {"/".join(map(str, prefix + (k,)))} has shape '
-            f'{tuple(v.shape)}, the model wants {tuple(target[key].shape)}.')
-      target[key] = v
+def _set_aside(workdir: str, steps: list[int]) -> None:
+  """Moves damaged checkpoints out of Orbax's sight, into `DAMAGED_DIR`."""
+  # Every process has looked at the files before process 0 moves them.
+  _sync_processes('vgg_jax_damaged_checkpoints_found')
+  if jax.process_index() == 0:
+    target_dir = paths.absolute(workdir) / DAMAGED_DIR
+    target_dir.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      target = target_dir / str(step)
+      if target.exists():  # damaged once before
+        target = target_dir / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
+      (_checkpoint_dir(workdir) / str(step)).rename(target)
+      logging.warning('Moved damaged checkpoint %d to %s.', step, target)
+  _sync_processes('vgg_jax_damaged_checkpoints_moved')
 
 
-def state_from_pure(state: nnx.State, pure: dict) -> nnx.State:
-  """A copy of ``state`` holding the arrays of the nested dict ``pure``."""
-  state = jax.tree.map(lambda x: x, state)
-  nnx.replace_by_pure_dict(state, pure)
-  return state
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def save_failure(workdir: str, step: int,
+                 error: BaseException) -> CheckpointSaveError:
+  """The error for a failed save of ``step``: the cause, what is left."""
+  older = [s for s in steps_on_disk(workdir) if s < step]
+  return CheckpointSaveError(
+      f'Saving checkpoint {step} in {_checkpoint_dir(workdir)} failed: '
+      f'{error_summary(error)}. The newest complete checkpoint is '
+      f'{older[0] if older else "none"}; a rerun resumes from it once the '
+      'cause (a full disk, a lost peer process...) is fixed.')

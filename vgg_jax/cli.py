@@ -133,23 +133,19 @@ def call(define_flags: DefineFlags, main: Main, argv: Sequence[str], *,
     The exit status: 0 on success, 1 after a one-line user error.
   """
   flag_values = flags.FlagValues()
-  # config_flags registers one flag per --config.field it finds in sys.argv
-  # when the config flag is defined, so the definitions must see this argv.
+  # config_flags reads the --config.field flags from sys.argv when the config
+  # flag is defined and again when it is parsed: both must see this argv.
   saved, sys.argv = sys.argv, ['prog', *argv]
   try:
     _define(define_flags, flag_values, sys.argv)
-  except flags.Error as e:
-    print(error_line(e), file=sys.stderr)
-    return 1
-  finally:
-    sys.argv = saved
-  try:
-    args = flag_values(['prog', *argv])[1:]
+    args = flag_values(sys.argv)[1:]
     if args and not positional:
       raise flags.Error(f'Unexpected arguments: {" ".join(args)}')
   except flags.Error as e:
     print(error_line(e), file=sys.stderr)
     return 1
+  finally:
+    sys.argv = saved
   return _guarded(main, flag_values, args if positional else None)
 
 

@@ -7,29 +7,82 @@ Multi-process (one process per host): on Cloud TPU VMs and under SLURM JAX
 finds its peers itself; elsewhere set ``VGG_JAX_COORDINATOR=host:port``,
 ``VGG_JAX_NUM_PROCESSES`` and ``VGG_JAX_PROCESS_ID``. ``--multiprocess``
 forces (true) or forbids (false) ``jax.distributed.initialize``.
+
+A config value that cannot train, a missing dataset, a workdir whose
+checkpoint was written for another model or is damaged beyond fallback, a
+non-finite loss, a checkpoint that cannot be written (a full disk) or a lost
+peer process ends the program with one line on stderr and exit status 1.
+
+A multi-process run waits at most ``config.train.peer_timeout_s`` for its
+processes to arrive at start-up; once running, each process stops with one
+error line when another has shown no sign of life for that long (killed,
+crashed or hung), instead of waiting in a collective for ever. The workdir
+then resumes from its latest checkpoint when all processes are restarted.
 """
 
+import contextlib
+import math
 import os
 import platform
+import sys
+import threading
+import time
+import traceback
 
-from absl import app
+import flax
+import grain
+import jax
+import optax
+import orbax.checkpoint
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Training configuration file.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and logs go here.')
-_MULTIPROCESS = flags.DEFINE_enum(
-    'multiprocess', 'auto', ['auto', 'true', 'false'],
-    'Call jax.distributed.initialize: auto = when the environment says there '
-    'are several processes.')
-flags.mark_flags_as_required(['config', 'workdir'])
+from vgg_jax import checkpointing
+from vgg_jax import cli
+from vgg_jax import train
 
-# Environment variables that announce a multi-process job.
-_MULTIPROCESS_ENV = ('VGG_JAX_COORDINATOR', 'TPU_WORKER_HOSTNAMES',
-                     'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
+# config.train.peer_timeout_s where the config has no such field.
+DEFAULT_PEER_TIMEOUT_S = 60.0
+# JAX's own checks also end a process whose peer stopped or never arrived,
+# but by an abort with C++ and Python stack dumps; `PeerWatchdog` and a timer
+# in `initialize_distributed` stop it first with one line, so JAX's limits
+# are this many times later, as a backstop.
+_JAX_TIMEOUT_FACTOR = 2
+# Key-value store directory of the watchdog's heartbeats.
+_HEARTBEAT_KEY = 'vgg_jax/alive/'
+_DONE = 'done'
+
+
+class PeerLostError(RuntimeError):
+  """Another process of the run died, hung or never arrived."""
+
+
+# Errors that end a run for a reason the message names; a traceback would
+# only bury it.
+_RUN_ERRORS = (train.NonFiniteLossError, checkpointing.CheckpointSaveError,
+               PeerLostError)
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Registers ``--config`` (with ``--config.field=value``), ``--workdir``...
+
+  Args:
+    flag_values: where to register them (``flags.FLAGS`` from the command
+      line, a fresh ``FlagValues`` from ``cli.call``).
+  """
+  # The config file is known at parse time, so config_flags parses the
+  # --config.field overrides against it directly.
+  config_flags.DEFINE_config_file(
+      'config', None, 'Training configuration file.', lock_config=True,
+      flag_values=flag_values)
+  flags.DEFINE_string('workdir', None, 'Checkpoints and logs go here.',
+                      flag_values=flag_values)
+  flags.DEFINE_enum(
+      'multiprocess', 'auto', ['auto', 'true', 'false'],
+      'Call jax.distributed.initialize: auto = when the environment says '
+      'there are several processes.', flag_values=flag_values)
+  flags.mark_flags_as_required(['config', 'workdir'], flag_values=flag_values)
 
 
 def wants_distributed(setting: str, environ=os.environ) -> bool:
@@ -52,29 +105,148 @@ def wants_distributed(setting: str, environ=os.environ) -> bool:
   return False
 
 
-def initialize_distributed(setting: str) -> None:
-  """Joins the multi-process job if there is one; never fails single-host."""
-  import jax  # pylint: disable=g-import-not-at-top
+def initialize_distributed(setting: str,
+                           peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
+                           ) -> bool:
+  """Joins the multi-process job if there is one; never fails single-host.
+
+  Args:
+    setting: the ``--multiprocess`` flag.
+    peer_timeout_s: how long to wait for all processes to arrive.
+
+  Returns:
+    Whether this is a multi-process run.
+
+  Raises:
+    PeerLostError: joining failed (a bad coordinator address...).
+  """
   if not wants_distributed(setting):
-    return
+    return False
   kwargs = {}
   if os.environ.get('VGG_JAX_COORDINATOR'):
     kwargs = dict(coordinator_address=os.environ['VGG_JAX_COORDINATOR'],
                   num_processes=int(os.environ['VGG_JAX_NUM_PROCESSES']),
                   process_id=int(os.environ['VGG_JAX_PROCESS_ID']))
-  jax.distributed.initialize(**kwargs)
+  timeout = max(1, math.ceil(peer_timeout_s))
+  # JAX aborts with stack dumps when its own limit passes; this timer ends
+  # the process first, with one line.
+  missing = threading.Timer(timeout, exit_now, [PeerLostError(
+      f'Not all processes of the run arrived within train.peer_timeout_s='
+      f'{timeout} s (one not started, or the coordinator '
+      f'{kwargs.get("coordinator_address", "")} unreachable).')])
+  missing.daemon = True
+  missing.start()
+  try:
+    jax.distributed.initialize(
+        **kwargs, initialization_timeout=_JAX_TIMEOUT_FACTOR * timeout,
+        heartbeat_timeout_seconds=_JAX_TIMEOUT_FACTOR * timeout,
+        shutdown_timeout_seconds=timeout)
+  except Exception as e:  # pylint: disable=broad-except
+    # JAX raises its runtime error or a ValueError (a bad address...).
+    raise PeerLostError('Could not join the multi-process run: '
+                        f'{checkpointing.error_summary(e)}') from e
+  finally:
+    missing.cancel()
+  return True
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  initialize_distributed(_MULTIPROCESS.value)
-  import jax  # pylint: disable=g-import-not-at-top
-  import flax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint  # pylint: disable=g-import-not-at-top
-  import grain  # pylint: disable=g-import-not-at-top
-  from vgg_jax import train  # pylint: disable=g-import-not-at-top
+class PeerWatchdog:
+  """Ends this process with one error line when a peer process stops.
+
+  A daemon thread writes a heartbeat counter to JAX's coordination service
+  every ``poll_s`` and reads the others'; a peer whose counter has not moved
+  for ``timeout_s`` was killed, crashed or hangs, and this process would
+  wait for it in the next collective or checkpoint barrier for good. Ending
+  with ``os._exit`` skips the exit handlers, which would wait for the peer
+  too; the last complete checkpoint is on disk, and this process's Grain
+  workers follow it (``vgg_jax.workers``). A process that finishes normally
+  says so, and is not waited for. If process 0 dies, the coordination
+  service goes with it and JAX ends the others at once itself ("another task
+  died").
+  """
+
+  def __init__(self, timeout_s: float, poll_s: float | None = None):
+    self.timeout_s = float(timeout_s)
+    self.poll_s = poll_s or min(1.0, self.timeout_s / 10)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._watch, daemon=True,
+                                    name='peer-watchdog')
+    self._client = None
+
+  def __enter__(self) -> 'PeerWatchdog':
+    self._client = orbax.checkpoint.multihost.get_jax_distributed_client()
+    self._thread.start()
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    self._stop.set()
+    self._thread.join()
+    if exc_type is None:  # finished: the others need not wait for us
+      try:
+        self._client.key_value_set(self._key(jax.process_index()), _DONE,
+                                   allow_overwrite=True)
+      except Exception as e:  # pylint: disable=broad-except
+        # The others finished too and process 0 took the service with it.
+        logging.info('Could not report the end to the peers: %s', e)
+
+  def _key(self, process: int) -> str:
+    return f'{_HEARTBEAT_KEY}{process}'
+
+  def _watch(self) -> None:
+    me, beat = jax.process_index(), 0
+    # peer -> (its last heartbeat value, when it last changed)
+    seen = {p: (None, time.monotonic()) for p in range(jax.process_count())
+            if p != me}
+    while not self._stop.wait(self.poll_s):
+      beat += 1
+      try:
+        self._client.key_value_set(self._key(me), str(beat),
+                                   allow_overwrite=True)
+        values = dict(self._client.key_value_dir_get(_HEARTBEAT_KEY))
+      except Exception:  # pylint: disable=broad-except
+        values = {}  # the service unreachable: no sign of life from anyone
+      now = time.monotonic()
+      for peer, (value, since) in list(seen.items()):
+        new = values.get(self._key(peer))
+        if new == _DONE:
+          del seen[peer]
+        elif new is not None and new != value:
+          seen[peer] = (new, now)
+        elif now - since > self.timeout_s and not self._stop.is_set():
+          self._end_process(peer)
+
+  def _end_process(self, peer: int) -> None:
+    exit_now(PeerLostError(
+        f'process {peer} of {jax.process_count()} has shown no sign of life '
+        f'for {self.timeout_s:g} s (train.peer_timeout_s): killed, crashed or '
+        'hung. Stopping this process too; restart all processes to resume '
+        'from the latest checkpoint.'))
+
+
+def exit_now(error: BaseException) -> None:
+  """Ends a process of a multi-process run at once, with one error line.
+
+  The exit handlers are skipped: JAX's would wait at a shutdown barrier for
+  peers that may be gone, then abort with stack dumps. A JAX runtime error
+  (a collective or barrier with a dead peer) gets one line; any other
+  error that is not a known run or user error keeps its traceback.
+
+  Args:
+    error: what ended the run.
+  """
+  known = _RUN_ERRORS + cli.USER_ERRORS
+  if isinstance(error, jax.errors.JaxRuntimeError):
+    error = PeerLostError(
+        f'{checkpointing.error_summary(error)} (a collective with the other '
+        'processes failed; if one of them died, its log says why)')
+  elif not isinstance(error, known):
+    traceback.print_exception(error)
+  logging.flush()
+  print(cli.error_line(error), file=sys.stderr, flush=True)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def _log_environment() -> None:
   logging.info('python %s, jax %s, flax %s, optax %s, orbax %s, grain %s',
                platform.python_version(), jax.__version__, flax.__version__,
                optax.__version__, orbax.checkpoint.__version__,
@@ -82,8 +254,37 @@ def main(argv):
   logging.info('process %d of %d; %d local / %d global devices: %s',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.devices())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def main(flag_values: flags.FlagValues) -> int:
+  """Trains (or resumes) the run the flags describe.
+
+  Args:
+    flag_values: parsed flags registered by ``define_flags``.
+
+  Returns:
+    0 when training ends (done, plateau or preempted), 1 after a run error
+    (a non-finite loss, a failed save, a lost peer), reported in one line.
+  """
+  config = flag_values.config
+  timeout = config.train.get('peer_timeout_s', DEFAULT_PEER_TIMEOUT_S)
+  multiprocess = False
+  try:
+    multiprocess = initialize_distributed(flag_values.multiprocess, timeout)
+    _log_environment()
+    with (PeerWatchdog(timeout) if multiprocess
+          else contextlib.nullcontext()):
+      train.train_and_evaluate(config, flag_values.workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    if multiprocess:
+      exit_now(e)
+    if not isinstance(e, _RUN_ERRORS):
+      raise  # user errors: one line from cli; bugs: their traceback
+    logging.flush()
+    print(cli.error_line(e), file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(define_flags, main)

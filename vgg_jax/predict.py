@@ -7,7 +7,7 @@ Command line::
 
 ``DIR`` is a training workdir or a pretrained dir. Each image is rescaled so
 its smallest side is Q (default: the paper's single test scale for the run,
-see ``evaluate.default_scales``), normalised as the checkpoint expects and
+see ``protocols.default_scales``), normalised as the checkpoint expects and
 classified with dense evaluation (whole image + flip, the paper's protocol) or
 one centre crop. An unreadable image is reported and skipped; the exit status
 is then 1.
@@ -15,25 +15,27 @@ is then 1.
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import sys
 from typing import Any, Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from PIL import Image
 
-from vgg_jax import evaluate
+from vgg_jax import cli
+from vgg_jax import eval_plan
 from vgg_jax import preprocessing
+from vgg_jax import protocols
 from vgg_jax.configs import base
 
 PREDICT_PROTOCOLS = ('dense', 'center_crop')
 
 
-def class_names(member: evaluate.Member) -> list[str]:
+def class_names(member: eval_plan.Member) -> list[str]:
   """Class names from the checkpoint metadata, else the prepared dataset.
 
   The dataset is only read if it is already prepared (predict never prepares
@@ -44,6 +46,7 @@ def class_names(member: evaluate.Member) -> list[str]:
   # would point at imagenet2012, which must not be touched.
   if not names and member.metadata.get('dataset'):
     try:
+      # Imported here: it pulls in TFDS, needed only for this fallback.
       from vgg_jax import datasets  # pylint: disable=g-import-not-at-top
       data = member.config.data
       builder = datasets.get_builder(data.dataset, data_dir=data.data_dir,
@@ -65,7 +68,7 @@ class Predictor:
   as in evaluation (``preprocessing.canvas_size``).
   """
 
-  def __init__(self, member: evaluate.Member, *, protocol: str = 'dense',
+  def __init__(self, member: eval_plan.Member, *, protocol: str = 'dense',
                scales: Sequence[int] | None = None):
     """Sets up the predictor.
 
@@ -80,29 +83,17 @@ class Predictor:
                        f'{", ".join(PREDICT_PROTOCOLS)}.')
     self.protocol = protocol
     self.crop_size = int(member.config.input.crop_size)
-    self.scales = tuple(scales) if scales else evaluate.default_scales(
+    self.scales = tuple(scales) if scales else protocols.default_scales(
         member.config)
-    small = [q for q in self.scales if q < self.crop_size]
-    if small:
-      raise ValueError(f'Scale(s) {small} are smaller than crop_size='
-                       f'{self.crop_size}.')
+    preprocessing.check_scale(self.scales, self.crop_size, 'Test scale')
     defaults = base.get_config().input
     self.interpolation = member.config.input.get('interpolation',
                                                  defaults.interpolation)
     self.max_aspect = member.config.input.get('dense_max_aspect',
                                               defaults.dense_max_aspect)
-    graphdef, rng_state, weights = member.eval_split()
-    normalize = member.normalizer()
-
-    def run(weights, images, valid_size):
-      net = nnx.merge(graphdef, rng_state, weights)
-      x = normalize(images)
-      if protocol == 'dense':
-        return evaluate.dense_posteriors(net, x, valid_size, flip=True)
-      return evaluate.center_crop_posteriors(net, x)
-
-    self._weights = weights
-    self._run = jax.jit(run)
+    graphdef, rng_state, self._weights = member.eval_split()
+    self._run = jax.jit(protocols.SourceFn(
+        graphdef, rng_state, member.normalizer(), protocol, self.crop_size))
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
     """Posteriors ``(classes,)`` of one RGB uint8 image ``(H, W, 3)``.
@@ -136,7 +127,7 @@ def top_k(posteriors: np.ndarray, names: Sequence[str], k: int = 5
            'probability': float(posteriors[i])} for r, i in enumerate(order)]
 
 
-def predict_files(member: evaluate.Member, paths: Sequence[str], *,
+def predict_files(member: eval_plan.Member, paths: Sequence[str], *,
                   protocol: str = 'dense',
                   scales: Sequence[int] | None = None,
                   k: int = 5) -> list[dict[str, Any]]:
@@ -181,48 +172,51 @@ def format_predictions(results: Sequence[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-  """The command-line flags (``--config.field=value`` is handled apart)."""
-  parser = argparse.ArgumentParser(
-      prog='python -m vgg_jax.predict',
-      description='Print the top classes of image files.')
-  parser.add_argument('images', nargs='+', metavar='IMAGE',
-                      help='Image files.')
-  parser.add_argument('--workdir', required=True,
-                      help='Training workdir or pretrained dir.')
-  parser.add_argument('--checkpoint', default='latest',
-                      help='latest, best or a step number.')
-  parser.add_argument('--protocol', default='dense', choices=PREDICT_PROTOCOLS,
-                      help='dense: whole image + flip (default); center_crop.')
-  parser.add_argument(
-      '--scales', default=None,
-      help='Test scale(s) Q, e.g. 384 or 256,384,512 (posteriors averaged); '
-      'default: the run\'s single-scale default.')
-  parser.add_argument('--top_k', type=int, default=5,
-                      help='Classes printed per image.')
-  parser.add_argument('--json', action='store_true',
-                      help='Print JSON instead of text.')
-  return parser
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """The flags of ``python -m vgg_jax.predict`` (image files are arguments).
+
+  Args:
+    flag_values: where to register them.
+  """
+  flags.DEFINE_string('workdir', None, 'Training workdir or pretrained dir.',
+                      required=True, flag_values=flag_values)
+  flags.DEFINE_string('checkpoint', 'latest', 'latest, best or a step number.',
+                      flag_values=flag_values)
+  flags.DEFINE_enum('protocol', 'dense', PREDICT_PROTOCOLS,
+                    'dense: whole image + flip (default); center_crop.',
+                    flag_values=flag_values)
+  flags.DEFINE_string(
+      'scales', None, 'Test scale(s) Q, e.g. 384 or 256,384,512 (posteriors '
+      'averaged); default: the run\'s single-scale default.',
+      flag_values=flag_values)
+  flags.DEFINE_integer('top_k', 5, 'Classes printed per image.',
+                       flag_values=flag_values)
+  flags.DEFINE_bool('json', False, 'Print JSON instead of text.',
+                    flag_values=flag_values)
+  cli.define_config_overrides(flag_values)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(flag_values: flags.FlagValues, images: Sequence[str]) -> int:
   """``python -m vgg_jax.predict --workdir=DIR IMAGE...``; the exit code.
 
   Args:
-    argv: the arguments after the program name; None: ``sys.argv[1:]``.
+    flag_values: parsed ``define_flags`` flags.
+    images: the image files (the positional arguments).
 
   Returns:
     0 when every image was classified, 1 when any failed.
   """
-  overrides, rest = evaluate.parse_config_overrides(
-      sys.argv[1:] if argv is None else argv)
-  args = build_parser().parse_args(rest)
-  member = evaluate.load_member(args.workdir, checkpoint=args.checkpoint,
-                                config_overrides=overrides)
-  results = predict_files(member, args.images, protocol=args.protocol,
-                          scales=evaluate.parse_scales(args.scales),
-                          k=args.top_k)
-  if args.json:
+  if not images:
+    raise ValueError('No image files given: python -m vgg_jax.predict '
+                     '--workdir=DIR IMAGE...')
+  member = eval_plan.load_member(
+      flag_values.workdir, checkpoint=flag_values.checkpoint,
+      config_overrides=functools.partial(cli.apply_config_overrides,
+                                         flag_values=flag_values))
+  results = predict_files(member, images, protocol=flag_values.protocol,
+                          scales=protocols.parse_scales(flag_values.scales),
+                          k=flag_values.top_k)
+  if flag_values.json:
     print(json.dumps(results, indent=2))
   else:
     print(format_predictions(results))
@@ -234,13 +228,5 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
-def run_cli() -> None:
-  """``main()`` with a one-line message instead of a traceback on bad input."""
-  try:
-    sys.exit(main())
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f'vgg_jax.predict: error: {e}')
-
-
 if __name__ == '__main__':
-  run_cli()
+  cli.run(define_flags, main, positional=True)

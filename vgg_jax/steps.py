@@ -1,0 +1,307 @@
+"""The device side of training: the typed train state and the jitted steps.
+
+``create_train_state(config, mesh)`` builds the model directly with its final
+sharding, the optimiser, and a ``TrainState`` (step, parameters, BN
+statistics, optimiser state); ``jit_train_step`` / ``jit_eval_step`` compile
+the pure steps over it; ``MetricsWindow`` sums their metrics between log
+lines. Nothing here reads data or writes files, so a bare
+accelerator host can run it without TensorFlow or Grain
+(``benchmarks/train_step.py`` does); ``vgg_jax.train`` adds the loop.
+"""
+
+# No `from __future__ import annotations`: clu's metric collections read
+# their fields' annotations as classes at run time.
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metrics as clu_metrics
+from flax import nnx
+from jax.sharding import Mesh
+
+from vgg_jax import metrics
+from vgg_jax import models
+from vgg_jax import optim
+from vgg_jax import preprocessing
+from vgg_jax import sharding
+
+Batch = dict[str, jax.Array]
+Normalize = Callable[[jax.Array], jax.Array]
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  """Per-step training metrics, averaged over the logging period."""
+  loss: clu_metrics.Average.from_output('loss')
+  top1: clu_metrics.Average.from_output('top1')
+  top5: clu_metrics.Average.from_output('top5')
+
+
+class MetricsWindow:
+  """Training metrics and throughput since the last log line (host side)."""
+
+  def __init__(self):
+    self.skipped = 0  # unreadable images, counted over the whole invocation
+    self.reset()
+
+  def reset(self) -> None:
+    self.metrics: TrainMetrics | None = None
+    self.images = 0
+    self.data_wait = 0.0
+    self.start = time.monotonic()
+
+  def add(self, metrics: TrainMetrics, images: int, data_wait: float,
+          skipped: int) -> None:
+    self.metrics = metrics if self.metrics is None else self.metrics.merge(
+        metrics)
+    self.images += images
+    self.data_wait += data_wait
+    self.skipped += skipped
+
+  def scalars(self, learning_rate: float) -> dict[str, float]:
+    """The window's TensorBoard scalars (``train_loss``, ``images_per_sec``)."""
+    elapsed = max(time.monotonic() - self.start, 1e-9)
+    out = {f'train_{k}': float(v) for k, v in self.metrics.compute().items()}
+    out.update(learning_rate=learning_rate,
+               images_per_sec=self.images / elapsed,
+               images_per_sec_per_device=(self.images / elapsed /
+                                          jax.device_count()),
+               data_wait_fraction=self.data_wait / elapsed,
+               skipped_images=self.skipped)
+    return out
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What a training step reads and writes, and a checkpoint's ``state``.
+
+  Orbax stores it under the field names, the layout of the plain dict that
+  earlier versions saved, so their checkpoints restore into it.
+
+  Attributes:
+    step: int32 scalar, steps taken.
+    params: the model's ``nnx.Param`` state.
+    batch_stats: its ``nnx.BatchStat`` state (empty without BN).
+    opt_state: the Optax state of ``optim.create_optimizer``.
+  """
+  step: jax.Array
+  params: nnx.State
+  batch_stats: nnx.State
+  opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """The static pieces around a ``TrainState``.
+
+  Attributes:
+    graphdef: the model's graph definition in training mode.
+    eval_graphdef: the same in eval mode (no dropout, running BN statistics).
+    rest: model state other than params and BN statistics (RNG streams).
+    tx: the Optax chain.
+    mesh: the device mesh.
+    shardings: a ``TrainState`` of ``NamedSharding``s, one per array.
+  """
+  graphdef: nnx.GraphDef
+  eval_graphdef: nnx.GraphDef
+  rest: nnx.State
+  tx: optax.GradientTransformation
+  mesh: Mesh
+  shardings: TrainState
+
+  def abstract(self, state: TrainState) -> TrainState:
+    """``state`` as ``jax.ShapeDtypeStruct``s with their shardings (restore)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        state, self.shardings)
+
+
+def split_model(model: nnx.Module):
+  """``(graphdef, params, batch_stats, rest)`` of a model."""
+  return nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+
+
+def create_model(config: ml_collections.ConfigDict) -> models.VGG:
+  """The randomly initialised model of ``config.model`` (``config.seed``)."""
+  return models.create_model(
+      config.model.name,
+      rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
+      **models.ModelOptions.from_config(config.model).as_dict())
+
+
+def _create_constrained(config: ml_collections.ConfigDict,
+                        shardings: Any) -> models.VGG:
+  model = create_model(config)
+  nnx.update(model, jax.lax.with_sharding_constraint(nnx.state(model),
+                                                     shardings))
+  return model
+
+
+def create_sharded_model(config: ml_collections.ConfigDict,
+                         mesh: Mesh) -> models.VGG:
+  """``create_model`` with every array created directly with its sharding.
+
+  Args:
+    config: the run config (``train.shard_params`` chooses FSDP-style
+      splitting over replication, see ``vgg_jax.sharding``).
+    mesh: the device mesh.
+  """
+  abstract = nnx.eval_shape(functools.partial(create_model, config))
+  shardings = sharding.tree_shardings(nnx.state(abstract), mesh,
+                                      config.train.shard_params)
+  return nnx.jit(functools.partial(_create_constrained, config, shardings))()
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, mesh: Mesh, *,
+    init_weights: Callable[[models.VGG], Any] | None = None,
+) -> tuple[TrainSetup, TrainState]:
+  """A fresh model, optimiser and train state, sharded over ``mesh``.
+
+  Args:
+    config: the run config.
+    mesh: the device mesh (``sharding.create_mesh()``).
+    init_weights: called on the freshly initialised model before it is
+      split, to overwrite weights in place (``train`` passes
+      ``weights.init_from`` for a new run with ``train.init_from``).
+
+  Returns:
+    ``(setup, state)``; ``state.step`` is 0.
+  """
+  model = create_sharded_model(config, mesh)
+  if init_weights is not None:
+    init_weights(model)
+  model.train()
+  graphdef, params, batch_stats, rest = split_model(model)
+  model.eval()
+  eval_graphdef = nnx.split(model)[0]
+  tx = optim.create_optimizer(config, params)
+  shard = config.train.shard_params
+  shardings = TrainState(
+      step=sharding.replicated(mesh),
+      params=sharding.tree_shardings(params, mesh, shard),
+      batch_stats=sharding.tree_shardings(batch_stats, mesh, shard),
+      opt_state=sharding.tree_shardings(jax.eval_shape(tx.init, params),
+                                        mesh, shard))
+  state = TrainState(
+      step=jax.device_put(np.zeros((), np.int32), shardings.step),
+      params=params, batch_stats=batch_stats,
+      opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
+  setup = TrainSetup(graphdef=graphdef, eval_graphdef=eval_graphdef,
+                     rest=rest, tx=tx, mesh=mesh, shardings=shardings)
+  return setup, state
+
+
+def _loss(params: nnx.State, batch_stats: nnx.State, images: jax.Array,
+          labels: jax.Array, key: jax.Array, *, graphdef: nnx.GraphDef,
+          rest: nnx.State):
+  """Mean cross-entropy, with the logits and updated BN statistics as aux."""
+  model = nnx.merge(graphdef, params, batch_stats, rest, copy=True)
+  logits = model(images, rngs=nnx.Rngs(dropout=key))
+  loss = metrics.cross_entropy(logits, labels).mean()
+  return loss, (logits, nnx.state(model, nnx.BatchStat))
+
+
+def train_step(state: TrainState, batch: Batch, learning_rate: jax.Array, *,
+               graphdef: nnx.GraphDef, rest: nnx.State,
+               tx: optax.GradientTransformation, normalize: Normalize,
+               seed: int) -> tuple[TrainState, TrainMetrics, jax.Array]:
+  """One SGD step: forward, backward, update (see ``make_train_step``)."""
+  key = jax.random.fold_in(jax.random.key(seed), state.step)
+  loss_fn = functools.partial(_loss, graphdef=graphdef, rest=rest)
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params, state.batch_stats,
+                             normalize(batch['image']), batch['label'], key)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optim.apply_updates(state.params, updates, learning_rate)
+  new_state = TrainState(step=state.step + 1, params=params,
+                         batch_stats=batch_stats, opt_state=opt_state)
+  step_metrics = TrainMetrics.single_from_model_output(
+      loss=loss, top1=metrics.topk_correct(logits, batch['label'], 1).mean(),
+      top5=metrics.topk_correct(logits, batch['label'], 5).mean())
+  return new_state, step_metrics, loss
+
+
+def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State,
+                    tx: optax.GradientTransformation, normalize: Normalize,
+                    seed: int):
+  """The pure training step: forward, backward, SGD update.
+
+  Args:
+    graphdef: the model's graph definition in training mode.
+    rest: model state other than params and BN statistics (RNG streams).
+    tx: the Optax chain from ``optim.create_optimizer``.
+    normalize: uint8 images -> normalised float32 on device.
+    seed: base seed; dropout uses ``fold_in(seed, step)``, so it is the same
+      for a resumed run and across device counts.
+
+  Returns:
+    ``step(state, batch, learning_rate) -> (state, metrics, loss)``.
+  """
+  return functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx,
+                           normalize=normalize, seed=seed)
+
+
+def eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
+              rest: nnx.State, normalize: Normalize) -> dict[str, jax.Array]:
+  """Sums of loss, top-1 and top-5 hits over the unmasked examples."""
+  model = nnx.merge(graphdef, state.params, state.batch_stats, rest,
+                    copy=True)
+  logits = model(normalize(batch['image']),
+                 valid_size=batch.get('valid_size'))
+  mask = batch['mask'].astype(jnp.float32)
+  return dict(
+      loss=(metrics.cross_entropy(logits, batch['label']) * mask).sum(),
+      top1=(metrics.topk_correct(logits, batch['label'], 1) * mask).sum(),
+      top5=(metrics.topk_correct(logits, batch['label'], 5) * mask).sum(),
+      count=mask.sum())
+
+
+def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State,
+                   normalize: Normalize):
+  """``step(state, batch) -> sums`` of ``eval_step`` for an eval graphdef."""
+  return functools.partial(eval_step, graphdef=graphdef, rest=rest,
+                           normalize=normalize)
+
+
+def _normalizer(config: ml_collections.ConfigDict) -> Normalize:
+  return preprocessing.normalizer(config.input.normalization,
+                                  config.input.mean_rgb)
+
+
+def jit_train_step(setup: TrainSetup, config: ml_collections.ConfigDict):
+  """``make_train_step`` compiled over the mesh, the state donated.
+
+  Args:
+    setup: from ``create_train_state``.
+    config: the run config (input normalisation, seed).
+
+  Returns:
+    ``step(state, batch, learning_rate) -> (state, metrics, loss)`` taking
+    global batch arrays split over the data axis.
+  """
+  batch_shd = sharding.batch_sharding(setup.mesh)
+  return jax.jit(
+      make_train_step(setup.graphdef, setup.rest, setup.tx,
+                      _normalizer(config), config.seed),
+      in_shardings=(setup.shardings, batch_shd, None),
+      out_shardings=(setup.shardings, None, None), donate_argnums=(0,))
+
+
+def jit_eval_step(setup: TrainSetup, config: ml_collections.ConfigDict):
+  """``make_eval_step`` in eval mode, compiled over the mesh.
+
+  Args:
+    setup: from ``create_train_state``.
+    config: the run config (input normalisation).
+  """
+  return jax.jit(
+      make_eval_step(setup.eval_graphdef, setup.rest, _normalizer(config)),
+      in_shardings=(setup.shardings, sharding.batch_sharding(setup.mesh)))

@@ -1,0 +1,275 @@
+"""Weights from a training workdir or a pretrained dir, and layer copying.
+
+Two ways weights leave a directory and enter a model:
+
+- ``load_model`` / ``load_variables``: a whole model for inference
+  (``evaluate``, ``predict``, notebooks) from either kind of directory;
+- ``init_from``: the paper's initialisation chain (Sec. 3.1): the layers of a
+  trained net copied into a freshly initialised one before training.
+
+Weight trees are handled in ``vgg_jax.trees``' flat form (``{path: array}``
+with int list indices), whatever wrote them (Orbax training checkpoints,
+pretrained dirs, live models), so they compare and copy path by path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from vgg_jax import checkpointing
+from vgg_jax import models
+from vgg_jax import pretrained
+from vgg_jax import trees
+from vgg_jax.configs import base
+
+CheckpointMismatchError = checkpointing.CheckpointMismatchError
+# Leaves of a BN layer that are running statistics (nnx.BatchStat), not
+# trainable parameters.
+BATCH_STAT_LEAVES = ('mean', 'var')
+HEAD_LAYERS = ('fc6', 'fc7', 'fc8')
+# Net A's conv layers that initialise a deeper net (Sec. 3.1: "the first four
+# convolutional layers and the last three fully-connected layers").
+NET_A_CONV_LAYERS = 4
+# What init_from copies: trainable weights and BN running statistics.
+_WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
+
+Flat = dict[trees.Path, Any]
+
+
+def load_variables(path: str, checkpoint: str | int = 'latest'
+                   ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+  """Parameters and BN statistics of a workdir or pretrained dir, as dicts.
+
+  Args:
+    path: a training workdir or a directory written by ``vgg_jax.convert``.
+    checkpoint: for workdirs: ``latest``, ``best`` or a step.
+
+  Returns:
+    ``(params, batch_stats, meta)``: nested dicts of arrays in the
+    ``nnx.to_pure_dict`` layout with int list indices
+    (``trees.canonical``), and the checkpoint metadata, whose ``model`` entry
+    holds the model name and options (and, for workdirs, ``step``).
+  """
+  if pretrained.is_pretrained_dir(path):
+    state, meta = pretrained.load_state_dict(path)
+    params, stats = _split_pure(state)
+    return params, stats, meta
+  step, meta = checkpointing.read_meta(path, checkpoint)
+  # Orbax keeps nnx's {'value': array} boxes and string list indices.
+  arrays = trees.canonical(checkpointing.read_state(path, step))
+  return (arrays['params'], arrays.get('batch_stats', {}),
+          dict(meta, step=step))
+
+
+def _split_pure(state: Mapping[Any, Any]) -> tuple[dict, dict]:
+  """Splits a full pure state dict into ``(params, batch_stats)``."""
+  flat = trees.flatten(state)
+  params = {p: v for p, v in flat.items() if p[-1] not in BATCH_STAT_LEAVES}
+  stats = {p: v for p, v in flat.items() if p[-1] in BATCH_STAT_LEAVES}
+  return trees.unflatten(params), trees.unflatten(stats)
+
+
+def load_model(path: str, *, checkpoint: str | int = 'latest'
+               ) -> tuple[models.VGG, ml_collections.ConfigDict,
+                          dict[str, Any]]:
+  """A model ready for inference from a training workdir or pretrained dir.
+
+  Args:
+    path: a training workdir (``config.json`` + ``checkpoints/``) or a
+      directory written by ``python -m vgg_jax.convert``.
+    checkpoint: for workdirs: ``latest``, ``best`` or a step number.
+
+  Returns:
+    ``(model, config, metadata)``; the model is in eval mode; ``metadata`` has
+    ``normalization``, ``mean_rgb``, ``class_names`` and ``step``.
+
+  Raises:
+    CheckpointMismatchError: the checkpoint does not fit the model its
+      workdir's config describes.
+  """
+  if pretrained.is_pretrained_dir(path):
+    model, config, meta = _load_pretrained(path)
+  else:
+    model, config, meta = _load_workdir(path, checkpoint)
+  model.eval()
+  return model, config, meta
+
+
+def _load_pretrained(path: str):
+  """``load_model`` for a pretrained dir: its model and a matching config."""
+  model, meta = pretrained.load_pretrained(path)
+  config = base.get_config()
+  config.model.update({k: v for k, v in meta['model'].items()
+                       if k in config.model})
+  config.input.normalization = meta['normalization']
+  if meta.get('mean_rgb'):
+    config.input.mean_rgb = tuple(meta['mean_rgb'])
+  return model, config, dict(meta, step=0)
+
+
+def _load_workdir(path: str, checkpoint: str | int):
+  """``load_model`` for a training workdir."""
+  config = checkpointing.read_config(path)
+  params, stats, meta = load_variables(path, checkpoint)
+  checkpointing.check_compatible(meta['model'], config, path)
+  # Shapes only: the checkpoint replaces every weight, so random init (slow
+  # for FC-6) would be wasted.
+  model = models.abstract_model(
+      config.model.name,
+      **models.ModelOptions.from_config(config.model).as_dict())
+  graphdef, state = nnx.split(model)
+  target = trees.flatten(nnx.to_pure_dict(state))
+  for source in (params, stats):
+    _merge_into(target, trees.flatten(source), path)
+  model = nnx.merge(graphdef,
+                    state_from_pure(state, trees.unflatten(target)))
+  return model, config, meta
+
+
+def _merge_into(target: Flat, source: Flat, where: str) -> None:
+  """Puts every array of ``source`` into ``target``, which must expect it.
+
+  Raises:
+    CheckpointMismatchError: a path ``target`` lacks or a different shape.
+  """
+  for path, value in source.items():
+    if path not in target:
+      raise CheckpointMismatchError(
+          f'{where}: unexpected variable {"/".join(map(str, path))}.')
+    want = tuple(target[path].shape)
+    if want != tuple(np.shape(value)):
+      raise CheckpointMismatchError(
+          f'{where}: {"/".join(map(str, path))} has shape '
+          f'{tuple(np.shape(value))}, the model wants {want}.')
+    target[path] = value
+
+
+def state_from_pure(state: nnx.State, pure: Mapping[Any, Any]) -> nnx.State:
+  """A copy of ``state`` holding the arrays of the nested dict ``pure``."""
+  state = jax.tree.map(lambda x: x, state)
+  nnx.replace_by_pure_dict(state, pure)
+  return state
+
+
+def init_from(model: models.VGG,
+              config: ml_collections.ConfigDict) -> list[str]:
+  """Copies layers from ``config.train.init_from`` into ``model`` in place.
+
+  A checkpoint of the same architecture is copied whole (the paper's
+  S=256 -> S=384 -> multi-scale fine-tuning chain). A net-A (``vgg11``)
+  checkpoint into a deeper net copies A's four conv layers block by block
+  (A's block b, conv i -> block b, conv i; Sec. 3.1) and the three FC layers;
+  everything else keeps its random initialisation. Copied arrays keep the
+  model's dtypes and shardings.
+
+  Args:
+    model: the freshly initialised model.
+    config: the run config.
+
+  Returns:
+    The names of the copied layers.
+
+  Raises:
+    CheckpointMismatchError: different architectures other than A -> deeper,
+      or any shape mismatch.
+  """
+  where = config.train.init_from
+  params, stats, meta = load_variables(where, 'latest')
+  layers = _layers_to_copy(meta['model']['name'], model, config.model.name,
+                           where)
+  source = {**trees.flatten(params), **trees.flatten(stats)}
+  target = _model_weights(model)
+  for layer in layers:
+    _copy_layer(source, target, layer, where)
+    if model.batch_norm and layer.startswith('blocks'):
+      _copy_layer(source, target, layer.replace('convs', 'norms'), where)
+  _assign_weights(model, target)
+  logging.info('init_from %s (%s, step %s): copied %s; the rest is random.',
+               where, meta['model']['name'], meta.get('step'),
+               ', '.join(layers))
+  return layers
+
+
+def _layers_to_copy(src_name: str, model: models.VGG, dst_name: str,
+                    where: str) -> list[str]:
+  """The layers (``blocks.b.convs.i``, ``fc6``...) ``init_from`` copies."""
+  src_arch, src_bn = models.parse_name(src_name)
+  if src_name == dst_name:
+    arch = model.architecture
+    convs = _conv_layers(arch)
+  elif src_arch.config == 'A' and src_bn == model.batch_norm:
+    convs = _conv_layers(src_arch)[:NET_A_CONV_LAYERS]
+  else:
+    raise CheckpointMismatchError(
+        f'init_from={where!r} holds {src_name}; it can initialise only the '
+        'same architecture or, if it is net A '
+        f'(vgg11{"_bn" if model.batch_norm else ""}), a deeper net; the '
+        f'config asks for {dst_name}.')
+  return convs + list(HEAD_LAYERS)
+
+
+def _conv_layers(arch: models.Architecture) -> list[str]:
+  return [f'blocks.{b}.convs.{i}' for b, block in enumerate(arch.blocks)
+          for i in range(len(block))]
+
+
+def _model_weights(model: nnx.Module) -> Flat:
+  """The model's parameters and BN statistics, flat."""
+  return trees.flatten(nnx.to_pure_dict(nnx.state(model, _WEIGHTS)))
+
+
+def _assign_weights(model: nnx.Module, flat: Flat) -> None:
+  """Writes ``_model_weights``-style arrays back into the model."""
+  state = nnx.state(model, _WEIGHTS)
+  nnx.update(model, state_from_pure(state, trees.unflatten(flat)))
+
+
+def _lookup(flat: Flat, prefix: trees.Path) -> Flat:
+  """The leaves under ``prefix``, keyed by their path below it."""
+  return {p[len(prefix):]: v for p, v in flat.items()
+          if p[:len(prefix)] == prefix}
+
+
+def _layer_path(layer: str) -> trees.Path:
+  """``'blocks.0.convs.1'`` -> ``('blocks', 0, 'convs', 1)``."""
+  return tuple(int(p) if p.isdigit() else p for p in layer.split('.'))
+
+
+def _copy_layer(src: Flat, dst: Flat, layer: str, where: str) -> None:
+  """Copies every leaf of ``layer`` from ``src`` into ``dst`` (in place).
+
+  Raises:
+    CheckpointMismatchError: the layer or one of its leaves is missing in
+      ``src``, or has another shape.
+  """
+  prefix = _layer_path(layer)
+  have, want = _lookup(src, prefix), _lookup(dst, prefix)
+  if not have:
+    raise CheckpointMismatchError(
+        f'init_from {where}: layer {layer} is missing.')
+  for leaf, like in want.items():
+    name = trees.path_str(leaf)
+    if leaf not in have:
+      raise CheckpointMismatchError(
+          f'init_from {where}: {layer}.{name} is missing.')
+    if tuple(np.shape(have[leaf])) != tuple(like.shape):
+      raise CheckpointMismatchError(
+          f'init_from {where}: {layer}.{name} has shape '
+          f'{np.shape(have[leaf])}, the model wants {like.shape}.')
+    dst[prefix + leaf] = _placed_like(have[leaf], like)
+
+
+def _placed_like(value: Any, like: jax.Array) -> jax.Array:
+  """``value`` with the dtype and (where it has one) sharding of ``like``."""
+  sharding = getattr(like, 'sharding', None)
+  if sharding is None:
+    return jnp.asarray(value, like.dtype)
+  # From the host, so a sharding over several processes' devices works too.
+  return jax.device_put(np.asarray(value, like.dtype), sharding)
