@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from vgg_jax import bad_records
 from vgg_jax import input_pipeline
 from vgg_jax import preprocessing
 from vgg_jax.configs import base
@@ -75,8 +76,9 @@ def _undecodable():
       'not_an_image.jpg': (b'<html>404 Not Found</html>', 'not a readable'),
       'bomb.png': (testing.decompression_bomb_png(9000, 9000),
                    'decompression bomb'),
+      # Past PIL's own limit too: the configured one is what refuses it.
       'bomb_header.png': (testing.decompression_bomb_png(
-          30000, 30000, with_pixels=False), 'DecompressionBombError'),
+          30000, 30000, with_pixels=False), 'exceeds the limit of 64000000'),
   }
 
 
@@ -172,3 +174,73 @@ def test_eval_masks_out_bad_images_and_counts_them(bad_folder):
     assert sorted(index[index >= 0].tolist()) == [0, 1, 2, 3]
     good = np.concatenate([b['image'] for b in batches])[mask]
     np.testing.assert_allclose(good[:, 5, 5].astype(int), [_RED] * 2, atol=3)
+
+
+def test_eval_reports_each_unreadable_record_once(bad_folder, caplog,
+                                                  monkeypatch):
+  monkeypatch.setattr(bad_records, '_reported', set())
+  config = bad_folder.copy_and_resolve_references()
+  with caplog.at_level(logging.WARNING):
+    for scale, mode, workers in ((32, 'center_crop', 0),
+                                 (40, 'center_crop', 0), (32, 'full', 1)):
+      # A worker process is new for every stream: it must not report again.
+      config.data.num_workers = workers
+      batches = list(input_pipeline.create_eval_iterator(
+          config, scale=scale, mode=mode, global_batch_size=3))
+      assert sum(int(b['skipped']) for b in batches) == 2  # every pass
+      assert all('unreadable' not in b for b in batches)
+  for name in ('validation/bad/c.jpg', 'validation/bad/d.png'):
+    assert caplog.text.count(f'({name}), masked out') == 1, caplog.text
+
+
+def _bomb_config(tmp_path, max_pixels):
+  root = testing.write_image_folder(tmp_path / 'imgs', {
+      'validation/a/ok.png': testing.encode(_solid()),
+      # 4M pixels, under PIL's own limit.
+      'validation/a/bomb.png': testing.decompression_bomb_png(2000, 2000),
+      # 900M pixels: PIL's own limit (179M) would refuse it first.
+      'validation/a/huge.png': testing.decompression_bomb_png(
+          30000, 30000, with_pixels=False),
+      # 195M pixels, above PIL's limit: a larger configured one applies.
+      'validation/a/large.png': testing.decompression_bomb_png(
+          15000, 13000, with_pixels=False)})
+  config = base.get_config()
+  config.data.dataset = 'image_folder'
+  config.data.manual_dir = root
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.data.num_workers = 0
+  config.input.crop_size = 32
+  config.input.max_image_pixels = max_pixels
+  return config
+
+
+def _eval_warnings(config, names, caplog, monkeypatch):
+  """The warning about each of ``names``, the only unreadable records."""
+  monkeypatch.setattr(bad_records, '_reported', set())
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    batches = list(input_pipeline.create_eval_iterator(
+        config, scale=32, mode='center_crop', global_batch_size=4))
+  assert sum(int(b['skipped']) for b in batches) == len(names)
+  return {name: next(r.getMessage() for r in caplog.records
+                     if f'(validation/a/{name})' in r.getMessage())
+          for name in names}
+
+
+def test_image_limit_quotes_the_configured_limit(tmp_path, caplog,
+                                                 monkeypatch):
+  config = _bomb_config(tmp_path, max_pixels=1_000_000)
+  names = ('bomb.png', 'huge.png', 'large.png')
+  for name, message in _eval_warnings(config, names, caplog,
+                                      monkeypatch).items():
+    assert 'exceeds the limit of 1000000' in message, (name, message)
+    assert 'config.input.max_image_pixels' in message
+    assert 'DecompressionBomb' not in message
+  # A limit above PIL's own applies too: the 4M-pixel image decodes, the
+  # big headers pass and fail only for lack of pixel data.
+  config.input.max_image_pixels = 10**9
+  names = ('huge.png', 'large.png')
+  for name, message in _eval_warnings(config, names, caplog,
+                                      monkeypatch).items():
+    assert 'exceeds the limit' not in message, (name, message)
+    assert 'DecompressionBomb' not in message

@@ -1,5 +1,6 @@
 """The package's TFDS builders: Fashion-MNIST from IDX files, image folders."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -185,3 +186,28 @@ def test_image_folder_needs_no_tensorflow(tmp_path):
                           text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_builder_made_before_another_prepared_it_reads_the_data(tmp_path):
+  idx_dir = testing.write_idx_files(tmp_path / 'idx', _idx_splits())
+  make = functools.partial(datasets.get_builder, 'fashion_mnist',
+                           data_dir=str(tmp_path / 'tfds'), manual_dir=idx_dir)
+  early, preparer = make(), make()
+  datasets.ensure_prepared(preparer)
+  datasets.ensure_prepared(early)  # as a process that waited on the lock
+  info = datasets.dataset_info(early)
+  assert info.num_examples == {'train': 50, 'test': 20}
+  assert len(datasets.data_source(early, 'test', info)) == 20
+
+
+def test_an_incomplete_dataset_directory_is_a_clear_error(tmp_path):
+  idx_dir = testing.write_idx_files(tmp_path / 'idx', _idx_splits())
+  builder = datasets.get_builder('fashion_mnist',
+                                 data_dir=str(tmp_path / 'tfds'),
+                                 manual_dir=idx_dir)
+  builder.data_path.mkdir(parents=True)  # e.g. a half-finished copy
+  (builder.data_path / 'fashion_mnist_idx-train.array_record-00000-of-00001'
+  ).write_bytes(b'')
+  with pytest.raises(datasets.DamagedDatasetError,
+                     match='holds no complete prepared dataset.*delete it'):
+    datasets.ensure_prepared(builder)

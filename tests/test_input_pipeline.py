@@ -1,5 +1,6 @@
 """Training and evaluation pipelines on small image folders written here."""
 
+import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -221,13 +222,13 @@ def test_checkpoint_restore_through_orbax(ramp_root, data_dir, tmp_path):
   manager = ocp.CheckpointManager(
       tmp_path / 'ckpt', options=ocp.CheckpointManagerOptions(create=True))
   manager.save(5, args=ocp.args.Composite(
-      data=input_pipeline.checkpoint_save_args(iterator)))
+      data=grain.checkpoint.CheckpointSave(iterator)))
   manager.wait_until_finished()
   want = _batches(iterator, 6)  # crosses into the third epoch
   fresh = input_pipeline.create_train_iterator(config)
   restored = input_pipeline.create_train_iterator(config)
   manager.restore(5, args=ocp.args.Composite(
-      data=input_pipeline.checkpoint_restore_args(restored)))
+      data=grain.checkpoint.CheckpointRestore(restored)))
   got = _batches(restored, 6)
   for a, b in zip(want, got):
     for key in a:
@@ -256,7 +257,12 @@ def test_worker_process_gives_the_in_process_batches(tmp_path, data_dir):
 
 def test_config_errors(ramp_root, data_dir):
   config = _config(ramp_root, data_dir, scale_min=16)
-  with pytest.raises(ValueError, match='crop_size <= input.scale_min'):
+  with pytest.raises(ValueError, match='input.scale_min 16 is smaller than '
+                     'the crop'):
+    input_pipeline.create_train_iterator(config)
+  config = _config(ramp_root, data_dir, scale_max=40)
+  config.input.scale_min = 48
+  with pytest.raises(ValueError, match='scale_min 48 exceeds'):
     input_pipeline.create_train_iterator(config)
   config = _config(ramp_root, data_dir)
   with pytest.raises(ValueError, match='multiple of the process count 3'):
@@ -264,7 +270,8 @@ def test_config_errors(ramp_root, data_dir):
                                          process_count=3, process_index=0)
   with pytest.raises(ValueError, match='Unknown eval mode'):
     input_pipeline.create_eval_iterator(config, scale=32, mode='dense')
-  with pytest.raises(ValueError, match='smaller than the crop'):
+  with pytest.raises(ValueError, match='Test scale 16 is smaller than the '
+                     'crop'):
     input_pipeline.create_eval_iterator(config, scale=16, mode='center_crop')
   config = _config(ramp_root, data_dir, interpolation='cubic-ish')
   with pytest.raises(ValueError, match='Unknown input.interpolation'):

@@ -30,34 +30,37 @@ Evaluation batch::
 Pop ``skipped`` before sending a batch to the devices. The epoch's order comes
 from ``(config.seed, process, epoch)`` and every example's randomness from
 ``(config.seed, record index, epoch)``, so a run resumed from a checkpointed
-iterator (`checkpoint_save_args`) sees exactly the same examples. Unreadable records never stop a run: training skips them (counted in
-``skipped`` and logged with the record id), evaluation masks them out.
+iterator (``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore`` in an
+Orbax ``Composite``) sees exactly the same examples. Unreadable records never
+stop a run (`bad_records`): training skips them (counted in ``skipped`` and
+logged with the record id), evaluation masks them out and logs each once per
+process. Images larger than ``config.input.max_image_pixels`` are unreadable
+records. Worker processes (``config.data.num_workers``) end with the process
+that started them, however it ends (`workers`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
 
-from absl import flags
-from absl import logging
 import grain
 import jax
 import ml_collections
 import numpy as np
 
+from vgg_jax import bad_records
 from vgg_jax import datasets
 from vgg_jax import preprocessing
+from vgg_jax import workers
 from vgg_jax.datasets import DatasetInfo
 
 EVAL_MODES = ('center_crop', 'full')
 
 __all__ = [
     'DatasetInfo', 'EVAL_MODES', 'get_dataset_info', 'create_train_iterator',
-    'create_eval_iterator', 'num_eval_batches', 'checkpoint_save_args',
-    'checkpoint_restore_args',
+    'create_eval_iterator', 'num_eval_batches',
 ]
 
 
@@ -69,7 +72,7 @@ def _builder(config: ml_collections.ConfigDict):
 
 def _prepared_builder(config: ml_collections.ConfigDict):
   builder = _builder(config)
-  datasets.prepare(builder, config.data.manual_dir)
+  datasets.ensure_prepared(builder, config.data.manual_dir)
   return builder, datasets.dataset_info(builder)
 
 
@@ -104,10 +107,12 @@ def _local_batch(global_batch_size: int, process_count: int) -> int:
 def _check_input_config(config: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the first inconsistent input setting."""
   cfg = config.input
-  if not 0 < cfg.crop_size <= cfg.scale_min <= cfg.scale_max:
-    raise ValueError(
-        'Need 0 < input.crop_size <= input.scale_min <= input.scale_max, got '
-        f'{cfg.crop_size}, {cfg.scale_min}, {cfg.scale_max}.')
+  if cfg.crop_size <= 0:
+    raise ValueError(f'input.crop_size must be > 0, got {cfg.crop_size}.')
+  preprocessing.check_scale(cfg.scale_min, cfg.crop_size, 'input.scale_min')
+  if cfg.scale_min > cfg.scale_max:
+    raise ValueError(f'input.scale_min {cfg.scale_min} exceeds '
+                     f'input.scale_max {cfg.scale_max}.')
   if cfg.pca_sigma < 0:
     raise ValueError(f'input.pca_sigma must be >= 0, got {cfg.pca_sigma}.')
   if cfg.interpolation not in preprocessing.INTERPOLATIONS:
@@ -118,13 +123,6 @@ def _check_input_config(config: ml_collections.ConfigDict) -> None:
                      f'valid: {", ".join(preprocessing.NORMALIZATIONS)}.')
 
 
-def _ensure_flags_parsed() -> None:
-  # Grain's worker processes read absl flags; in programs that never parsed
-  # them (tests, notebooks) reading would raise.
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
 def _read_options(threads: int, buffer_size: int) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=threads,
                            prefetch_buffer_size=buffer_size)
@@ -132,37 +130,8 @@ def _read_options(threads: int, buffer_size: int) -> grain.ReadOptions:
 
 def _multiprocess(ds: grain.IterDataset,
                   config: ml_collections.ConfigDict) -> grain.IterDataset:
-  if config.data.num_workers < 0:
-    raise ValueError(f'data.num_workers must be >= 0, got '
-                     f'{config.data.num_workers}.')
-  if config.data.num_workers == 0:
-    return ds
-  _ensure_flags_parsed()
-  return ds.mp_prefetch(grain.MultiprocessingOptions(
-      num_workers=config.data.num_workers,
-      per_worker_buffer_size=config.data.prefetch_buffer_size))
-
-
-def _record_id(info: DatasetInfo, split: str, key: int, record: Any) -> str:
-  name = f'{split}[{key}]'
-  if info.id_key and info.id_key in record:
-    value = record[info.id_key]
-    if isinstance(value, bytes):
-      value = value.decode('utf-8', 'replace')
-    name += f' ({value})'
-  return name
-
-
-@dataclasses.dataclass(frozen=True)
-class SkippedRecord:
-  """Stands in for a record that could not be decoded.
-
-  Attributes:
-    record_id: split, index and (where the dataset has one) file name.
-    reason: why decoding failed.
-  """
-  record_id: str
-  reason: str
+  return workers.prefetch(ds, num_workers=config.data.num_workers,
+                          buffer_size=config.data.prefetch_buffer_size)
 
 
 @functools.lru_cache(maxsize=4)
@@ -204,7 +173,8 @@ class _TrainExample:
     self._draft = cfg.jpeg_draft
     self._max_pixels = cfg.max_image_pixels
 
-  def __call__(self, index: int, _) -> dict[str, Any] | SkippedRecord:
+  def __call__(self, index: int, _
+               ) -> dict[str, Any] | bad_records.SkippedRecord:
     epoch, position = divmod(index, len(self._keys))
     order = _epoch_order(self._seed, self._keys.start, epoch,
                          len(self._keys))
@@ -214,8 +184,8 @@ class _TrainExample:
     try:
       image = self._augment(record[self._info.image_key], rng)
     except preprocessing.ImageDecodeError as e:
-      return SkippedRecord(_record_id(self._info, self._split, key, record),
-                           str(e))
+      return bad_records.SkippedRecord(
+          bad_records.record_id(self._info, self._split, key, record), str(e))
     return {'image': image, 'label': np.int32(record[self._info.label_key])}
 
   def _augment(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
@@ -232,71 +202,6 @@ class _TrainExample:
       image = preprocessing.apply_color_shift(
           image, preprocessing.pca_color_shift(rng, self._pca_sigma))
     return np.asarray(image)
-
-
-class SkipCountingIterDataset(grain.IterDataset):
-  """Drops `SkippedRecord` elements, logging them, and counts them.
-
-  Each element passed on gets ``'skipped'``: the number of records dropped
-  since the previous element of this stream. Batching sums these, so with
-  worker processes each batch reports the skips of the worker that made it.
-  """
-
-  def __init__(self, parent: grain.IterDataset, max_consecutive: int):
-    """Wraps ``parent``.
-
-    Args:
-      parent: yields example dicts or `SkippedRecord`.
-      max_consecutive: more skipped records in a row than this raise an error
-        (a broken dataset or decoder, rather than a few bad files).
-    """
-    super().__init__(parent)
-    self._max_consecutive = max_consecutive
-
-  def __iter__(self) -> grain.DatasetIterator:
-    return _SkipCountingIterator(self._parent.__iter__(),
-                                 self._max_consecutive)
-
-
-class _SkipCountingIterator(grain.DatasetIterator):
-  """Iterator of `SkipCountingIterDataset`."""
-
-  def __init__(self, parent: grain.DatasetIterator, max_consecutive: int):
-    super().__init__(parent)
-    self._max_consecutive = max_consecutive
-    self._pending = 0
-
-  def __next__(self) -> dict[str, Any]:
-    consecutive = 0
-    while True:
-      element = next(self._parent)
-      if not isinstance(element, SkippedRecord):
-        break
-      self._pending += 1
-      consecutive += 1
-      logging.warning('Skipping unreadable record %s: %s', element.record_id,
-                      element.reason)
-      if consecutive > self._max_consecutive:
-        raise RuntimeError(
-            f'{consecutive} records in a row could not be decoded (last: '
-            f'{element.record_id}: {element.reason}); the data or its '
-            'preparation looks broken (limit: '
-            'config.data.max_consecutive_skips).')
-    element['skipped'] = np.int32(self._pending)
-    self._pending = 0
-    return element
-
-  def get_state(self) -> dict[str, Any]:
-    return {'parent': self._parent.get_state(), 'pending': self._pending}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state['parent'])
-    self._pending = state['pending']
-
-
-def _sum_skipped(batch: dict[str, Any]) -> dict[str, Any]:
-  batch['skipped'] = np.int32(np.sum(batch['skipped']))
-  return batch
 
 
 def create_train_iterator(config: ml_collections.ConfigDict, *,
@@ -320,7 +225,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
 
   Returns:
     A Grain iterator of batch dicts (module docstring); save and restore it
-    with `checkpoint_save_args` / `checkpoint_restore_args`.
+    with ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``.
   """
   _check_input_config(config)
   index, count = _process(process_index, process_count)
@@ -337,10 +242,11 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
   ds = ds.map_with_index(_TrainExample(source, info, split, keys, config))
   ds = ds.to_iter_dataset(_read_options(config.data.read_threads,
                                         config.data.read_buffer_size))
-  ds = SkipCountingIterDataset(ds, config.data.max_consecutive_skips)
+  ds = bad_records.SkipCountingIterDataset(
+      ds, config.data.max_consecutive_skips)
   ds = ds.batch(batch, drop_remainder=True)
   ds = _multiprocess(ds, config)
-  return ds.map(_sum_skipped).__iter__()
+  return workers.close_at_exit(ds.map(bad_records.sum_skipped).__iter__())
 
 
 class _EvalExample:
@@ -370,7 +276,8 @@ class _EvalExample:
     example = {'image': np.zeros((side, side, 3), np.uint8),
                'label': np.int32(0), 'mask': np.bool_(False),
                'index': np.int32(-1),
-               'skipped': np.int32(0)}
+               'skipped': np.int32(0),
+               'unreadable': '', 'unreadable_reason': ''}
     if self._mode == 'full':
       example['valid_size'] = np.zeros(2, np.int32)
     if index >= self._num_examples:
@@ -391,8 +298,11 @@ class _EvalExample:
             image, scale=self._scale, crop_size=self._crop_size,
             interpolation=self._interpolation))
     except preprocessing.ImageDecodeError as e:
-      logging.warning('Unreadable evaluation record %s, masked out: %s',
-                      _record_id(self._info, self._split, index, record), e)
+      # Reported by the consuming process (bad_records.report_unreadable):
+      # an unreadable record is named once, not once per stream.
+      record_id = bad_records.record_id(self._info, self._split, index, record)
+      example['unreadable'] = f'{self._info.name} {record_id}'
+      example['unreadable_reason'] = str(e)
       example['skipped'] = np.int32(1)
       return example
     example['image'] = pixels
@@ -458,9 +368,8 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *,
   if mode not in EVAL_MODES:
     raise ValueError(f'Unknown eval mode {mode!r}; valid: '
                      f'{", ".join(EVAL_MODES)}.')
-  if mode == 'center_crop' and scale < config.input.crop_size:
-    raise ValueError(f'Test scale {scale} is smaller than the crop '
-                     f'{config.input.crop_size}.')
+  if mode == 'center_crop':
+    preprocessing.check_scale(scale, config.input.crop_size, 'Test scale')
   index, count = _process(process_index, process_count)
   global_batch = global_batch_size or config.train.eval_batch_size
   batch = _local_batch(global_batch, count)
@@ -474,46 +383,6 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *,
   threads = config.data.eval_read_threads
   ds = ds.batch(batch).to_iter_dataset(_read_options(threads, threads))
   ds = _multiprocess(ds, config)
-  return ds.map(_sum_skipped).__iter__()
+  return workers.close_at_exit(
+      ds.map(bad_records.report_unreadable).__iter__())
 
-
-def checkpoint_save_args(iterator: grain.DatasetIterator):
-  """Orbax args that save a training iterator's position.
-
-  Example::
-
-      mngr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          data=input_pipeline.checkpoint_save_args(train_iter)))
-
-  Each process writes its own small JSON file. Restoring needs the same
-  process count and ``config.data.num_workers``.
-
-  Args:
-    iterator: from `create_train_iterator`.
-
-  Returns:
-    A `grain.checkpoint.CheckpointSave` for ``ocp.args.Composite``.
-  """
-  return grain.checkpoint.CheckpointSave(iterator)
-
-
-def checkpoint_restore_args(iterator: grain.DatasetIterator):
-  """Orbax args that restore a training iterator's position in place.
-
-  Example::
-
-      train_iter = input_pipeline.create_train_iterator(config)
-      mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=input_pipeline.checkpoint_restore_args(train_iter)))
-      # train_iter now continues where the saved one stopped.
-
-  Args:
-    iterator: a fresh iterator from `create_train_iterator` with the same
-      config.
-
-  Returns:
-    A `grain.checkpoint.CheckpointRestore` for ``ocp.args.Composite``.
-  """
-  return grain.checkpoint.CheckpointRestore(iterator)

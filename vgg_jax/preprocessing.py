@@ -68,6 +68,12 @@ ALPHA_BACKGROUND = (255, 255, 255)
 
 _SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
 
+# `open_image` refuses images over its max_pixels (config.input.
+# max_image_pixels) from their header. PIL's own global limit (2 x 89.5M
+# pixels) would otherwise refuse larger ones first, quoting its limit instead
+# of the configured one, and refuse images a larger configured limit accepts.
+Image.MAX_IMAGE_PIXELS = None
+
 
 class ImageDecodeError(ValueError):
   """An image could not be decoded; the message says why."""

@@ -12,25 +12,32 @@
 
 Preparation happens once, into ``config.data.data_dir`` (TFDS default:
 ``~/tensorflow_datasets``), with TFDS's progress bars; ``python -m
-vgg_jax.datasets.prepare`` does it ahead of time. `data_source` then gives
-Grain random access to a split (`ArrayRecordSource`, the equivalent of
-``tfds.data_source(..., decoders={'image': tfds.decode.SkipDecoding()})``
-with a faster single-record read). Records come back with the image still
-encoded (bytes), so the input pipeline decodes it with its own robust decoder.
+vgg_jax.datasets.prepare`` does it ahead of time. Preparation survives kills
+and concurrent runs (`ensure_prepared`): a dataset is read only once complete.
+`data_source` then gives Grain random access to a split (`ArrayRecordSource`,
+the equivalent of ``tfds.data_source(..., decoders={'image':
+tfds.decode.SkipDecoding()})`` with a faster single-record read). Records
+come back with the image still encoded (bytes), so the input pipeline decodes
+it with its own robust decoder.
 Neither preparing the package's own builders nor reading needs TensorFlow.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import fcntl
 import itertools
 import os
 import threading
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
+from absl import logging
 from array_record.python import array_record_module
+from etils import epath
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import constants
 from tensorflow_datasets.core import file_adapters
 from tensorflow_datasets.core import registered
 
@@ -40,6 +47,14 @@ from vgg_jax.datasets import image_folder
 FASHION_MNIST = 'fashion_mnist'
 IMAGE_FOLDER = 'image_folder'
 FILE_FORMAT = 'array_record'
+
+
+class DamagedDatasetError(ValueError):
+  """A prepared dataset is incomplete or one of its files is unreadable.
+
+  The message names the file and how to repair it. A ValueError, so command
+  lines report it on one line.
+  """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,17 +113,47 @@ def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
   return builder.is_prepared()
 
 
-def prepare(builder: tfds.core.DatasetBuilder,
-            manual_dir: str | None = None) -> None:
+def ensure_prepared(builder: tfds.core.DatasetBuilder,
+                    manual_dir: str | None = None) -> None:
   """Prepares the dataset once (no-op when already prepared).
+
+  Safe against kills and concurrent runs. TFDS writes into an
+  ``incomplete.*`` directory that is renamed into place when complete, so a
+  killed preparation leaves no dataset that looks prepared; the next one
+  deletes that leftover and starts again. Processes sharing a data dir (the
+  hosts of a multi-host job) take turns on a lock file in it: the first
+  prepares, the others wait and then read what it wrote. On object stores
+  (gs://), which cannot lock, prepare once beforehand (``python -m
+  vgg_jax.datasets.prepare``).
 
   Args:
     builder: from `get_builder`.
     manual_dir: the TFDS manual dir (ImageNet tars); ignored by the package's
       own builders, which take their directory at construction.
+
+  Raises:
+    DamagedDatasetError: the dataset's directory exists but holds no
+      complete dataset.
   """
-  if is_prepared(builder):
-    return
+  if not is_prepared(builder):
+    with _preparation_lock(builder):
+      if not is_prepared(builder):
+        _prepare_locked(builder, manual_dir)
+        return
+  if not builder.info.splits:
+    # Another process prepared it after this builder was made, which then
+    # knows no splits yet: read what that process wrote.
+    builder.info.read_from_directory(builder.data_dir)
+
+
+def _prepare_locked(builder: tfds.core.DatasetBuilder,
+                    manual_dir: str | None) -> None:
+  if builder.data_path.exists():
+    raise DamagedDatasetError(
+        f'{builder.data_path} exists but holds no complete prepared dataset '
+        '(no dataset_info.json or features.json); delete it and prepare '
+        'again (python -m vgg_jax.datasets.prepare).')
+  _remove_interrupted(builder)
   download_config = None
   own = isinstance(builder, (fashion_mnist.FashionMnistIdx,
                              image_folder.ImageFolderDataset))
@@ -116,6 +161,45 @@ def prepare(builder: tfds.core.DatasetBuilder,
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
   builder.download_and_prepare(file_format=FILE_FORMAT,
                                download_config=download_config)
+
+
+@contextlib.contextmanager
+def _preparation_lock(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
+  """Holds an exclusive lock on preparing ``builder``'s dataset version."""
+  root = epath.Path(builder.data_dir_root)
+  if '://' in os.fspath(root):
+    logging.warning(
+        'Cannot lock %s against concurrent preparation; if several processes '
+        'start at once, prepare it beforehand (python -m '
+        'vgg_jax.datasets.prepare).', root)
+    yield
+    return
+  root.mkdir(parents=True, exist_ok=True)
+  name = '-'.join(builder.data_path.relative_to(root).parts)
+  path = os.fspath(root / f'.{name}.prepare.lock')
+  # The kernel releases the lock when its holder dies, kill -9 included; the
+  # file itself stays (deleting it would let two holders lock two files).
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.warning('Waiting for another process preparing %s (lock %s).',
+                      builder.data_path, path)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # Releases the lock.
+
+
+def _remove_interrupted(builder: tfds.core.DatasetBuilder) -> None:
+  """Deletes what killed preparations of this version left (under the lock)."""
+  target = builder.data_path
+  pattern = f'{constants.INCOMPLETE_PREFIX}*_{target.name}'
+  for leftover in target.parent.glob(pattern):
+    logging.warning('Deleting %s, left by an interrupted preparation.',
+                    leftover)
+    leftover.rmtree()
 
 
 def _supervised_keys(info: tfds.core.DatasetInfo) -> tuple[str, str]:
@@ -211,12 +295,20 @@ class ArrayRecordSource:
     path, skip, _ = self._files[i]
     position = skip + key - (self._ends[i - 1] if i else 0)
     with self._locks[i]:
-      if self._readers[i] is None:
-        self._readers[i] = array_record_module.ArrayRecordReader(
-            path, self._READER_OPTIONS)
-      reader = self._readers[i]
-      reader.seek(position)
-      return reader.read()
+      try:
+        if self._readers[i] is None:
+          self._readers[i] = array_record_module.ArrayRecordReader(
+              path, self._READER_OPTIONS)
+        reader = self._readers[i]
+        reader.seek(position)
+        return reader.read()
+      except RuntimeError as e:  # How array_record reports any I/O failure.
+        # One message naming the file; the original's text is in it.
+        raise DamagedDatasetError(
+            f'Cannot read record {position} of {path} ({e}). The prepared '
+            f'dataset {self._name} is damaged or was deleted while in use: '
+            f'delete {os.path.dirname(path)} and prepare it again (python -m '
+            'vgg_jax.datasets.prepare).') from None
 
   def __getitem__(self, key: int) -> Any:
     return self._features.deserialize_example_np(
@@ -249,5 +341,5 @@ def data_source(builder: tfds.core.DatasetBuilder, split: str,
   if builder.info.file_format != file_adapters.FileFormat.ARRAY_RECORD:
     builder.info.set_file_format(file_adapters.FileFormat.ARRAY_RECORD,
                                  override=True, override_if_initialized=True)
-  return ArrayRecordSource(builder.info, split,
-                           decoders={info.image_key: tfds.decode.SkipDecoding()})
+  decoders = {info.image_key: tfds.decode.SkipDecoding()}
+  return ArrayRecordSource(builder.info, split, decoders=decoders)
