@@ -23,6 +23,9 @@ _C = (((64, 3),) * 2, ((128, 3),) * 2, ((256, 3),) * 2 + ((256, 1),),
       ((512, 3),) * 2 + ((512, 1),), ((512, 3),) * 2 + ((512, 1),))
 _D = (((64, 3),) * 2, ((128, 3),) * 2, ((256, 3),) * 3, ((512, 3),) * 3,
       ((512, 3),) * 3)
+# Sec. 4.1's shallow comparison net: B with each pair of 3x3 convs replaced by
+# one 5x5 conv (the same receptive field, five conv layers in all).
+_B_5X5 = (((64, 5),), ((128, 5),), ((256, 5),), ((512, 5),), ((512, 5),))
 _E = (((64, 3),) * 2, ((128, 3),) * 2, ((256, 3),) * 4, ((512, 3),) * 4,
       ((512, 3),) * 4)
 
@@ -32,7 +35,8 @@ class Architecture:
   """A row of Table 1 of the paper.
 
   Attributes:
-    config: the paper's letter (A, A-LRN, B, C, D, E).
+    config: the paper's letter (A, A-LRN, B, C, D, E; B-5x5 for Sec. 4.1's
+      shallow net).
     blocks: per block, the (width, kernel size) of each conv.
     lrn: whether LRN follows the first conv's ReLU (A-LRN only).
   """
@@ -45,6 +49,7 @@ ARCHITECTURES: Mapping[str, Architecture] = {
     'vgg11': Architecture('A', _A),
     'vgg11_lrn': Architecture('A-LRN', _A, lrn=True),
     'vgg13': Architecture('B', _B),
+    'vgg13_5x5': Architecture('B-5x5', _B_5X5),
     'vgg16_c': Architecture('C', _C),
     'vgg16': Architecture('D', _D),
     'vgg19': Architecture('E', _E),
@@ -213,3 +218,42 @@ def count_macs(name: str, image_size: int = 224, *, width_multiplier: float = 1.
   fc = scaled(FC_WIDTH)
   macs += h * h * (fc6_kernel ** 2 * c * fc + fc * fc + fc * num_classes)
   return macs
+
+
+def check_initialisation(name: str, init: str, init_from: str) -> None:
+  """Refuses the start the paper says stalls: a deep plain net from std 0.01.
+
+  Sec. 3.1: nets deeper than A (B-E, and Sec. 4.1's shallow 5x5 net) are not
+  trained from the std-0.01 normal initialisation alone; they take net A's
+  layers, or (the paper's footnote) Glorot's initialisation. Net A, A-LRN
+  and the batch-norm variants train from std 0.01.
+
+  Args:
+    name: one of ``MODEL_NAMES``.
+    init: the kernel initialisation (``config.model.init``).
+    init_from: the run the weights are copied from (``config.train.init_from``;
+      empty: none).
+
+  Raises:
+    ValueError: a deeper plain net with ``init='normal'`` and no ``init_from``;
+      the message names the ways out.
+  """
+  arch, batch_norm = parse_name(name)
+  exempt = batch_norm or arch.config in ('A', 'A-LRN')
+  if exempt or init != 'normal' or init_from:
+    return
+  if arch.config == 'B-5x5':
+    # Net A's 3x3 convs do not fit 5x5 kernels: only a run of this same net
+    # (a fine-tuning stage) can initialise it.
+    from_run = ('--config.train.init_from=<a vgg13_5x5 workdir> to fine-tune '
+                "one (net A's 3x3 convs do not fit its 5x5 convs)")
+  else:
+    from_run = ('--config.train.init_from=<a net-A workdir> (or, for the S=384 '
+                'and jittered stages, the previous stage\'s workdir)')
+  raise ValueError(
+      f'{name} (net {arch.config}) with init=normal (std 0.01) and no '
+      'train.init_from: the paper trains only net A from this start; deeper '
+      "nets stall from it without net A's layers (Sec. 3.1). Pass "
+      f'{from_run}, or --config.model.init=glorot '
+      "(the paper's footnote: Glorot initialisation trains it without "
+      'pre-training).')

@@ -7,6 +7,12 @@ crop the score map is 1x1 and the model returns ``(N, num_classes)`` logits; on
 a larger image the same weights scan the whole image (the paper's dense
 evaluation, Sec. 3.2) and the model returns the spatially averaged class scores.
 
+Every activation has a name (``conv1_1``, ``relu1_1``, ``pool1``, ...,
+``fc6``, ``relu6``, ..., ``fc8``; ``bn1_1`` ... on ``_bn`` nets):
+``layer_names(name)`` lists a net's, ``layer_table(name)`` adds torchvision's
+and Keras' names for them (``vgg_jax.layers``), and ``features(x, layers)``
+computes the requested ones, running the net only as far as it must.
+
 Parameter layout (used by checkpoint conversion and init-from-net-A)::
 
     blocks[b].convs[i].{kernel,bias}      b = 0..4, i = 0..len(block)-1
@@ -20,11 +26,12 @@ Example::
     logits = model(images)                         # (N, 1000)
     scores = model.score_map(images)               # (N, h, w, 1000)
     feats = model.features(images)                 # {'block1': ..., 'fc7': ...}
+    named = model.features(images, ['relu2_2', 'pool5'])  # see vgg_jax.layers
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +50,14 @@ from vgg_jax.architectures import MODEL_NAMES  # pylint: disable=unused-import
 from vgg_jax.architectures import MODEL_OPTIONS  # pylint: disable=unused-import
 from vgg_jax.architectures import ModelOptions
 from vgg_jax.architectures import parse_name
+from vgg_jax.layers import check_layers
+from vgg_jax.layers import conv_name
+from vgg_jax.layers import HEAD_ACTIVATIONS
+from vgg_jax.layers import layer_names  # pylint: disable=unused-import
+from vgg_jax.layers import layer_table
+from vgg_jax.layers import layer_table_markdown  # pylint: disable=unused-import
+from vgg_jax.layers import LRN_NAME
+from vgg_jax.layers import pool_name
 
 
 def local_response_norm(x: jax.Array, *, n: int = 5, k: float = 2.0,
@@ -104,23 +119,36 @@ class ConvBlock(nnx.Module):
     self.norms = nnx.List(norms) if batch_norm else None
     self.lrn = lrn
 
-  def __call__(self, x: jax.Array, valid: jax.Array | None = None
-               ) -> jax.Array:
+  def activations(self, x: jax.Array, valid: jax.Array | None, block: int
+                  ) -> Iterator[tuple[str, jax.Array]]:
+    """Yields ``(layer name, activation)`` in forward order, computing lazily.
+
+    Args:
+      x: the block's input.
+      valid: optional ``(N, H, W, 1)`` 0/1 mask of the image on a larger
+        canvas; activations are zeroed outside it before each conv (the
+        yielded ones are not, see ``VGG.features``).
+      block: the block's index (0-based), for the names.
+    """
     if valid is not None:
       # A pool over an odd valid size leaves a non-zero border row.
       x = x * valid
     for i, conv in enumerate(self.convs):
       x = conv(x)
+      yield conv_name('conv', block, i), x
       if self.norms is not None:
         x = self.norms[i](x)
+        yield conv_name('bn', block, i), x
       x = nnx.relu(x)
+      yield conv_name('relu', block, i), x
       if self.lrn and i == 0:
         x = local_response_norm(x)
+        yield LRN_NAME, x
       if valid is not None:
         # Zero outside the image so the next conv sees exactly the zero
         # padding it would see on the unpadded image.
         x = x * valid
-    return nnx.max_pool(x, (2, 2), strides=(2, 2))
+    yield pool_name(block), nnx.max_pool(x, (2, 2), strides=(2, 2))
 
 
 class VGG(nnx.Module):
@@ -171,56 +199,122 @@ class VGG(nnx.Module):
     self.dropout = nnx.Dropout(opts.dropout_rate, rngs=rngs)
     self.dtype = dtype
 
-  def features(self, x: jax.Array, *, valid_size: jax.Array | None = None,
+  def features(self, x: jax.Array, layers: str | Iterable[str] | None = None,
+               *, valid_size: jax.Array | None = None,
                rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
-    """Every block's output and the head's activations.
+    """Named activations; without ``layers``, each block's and the head's.
 
     Args:
       x: images ``(N, H, W, C)``, already normalised.
+      layers: layer names (``layer_names(model.name)``: ``conv1_1``,
+        ``relu1_1``, ``pool1``, ..., ``fc6``, ``relu6``, ..., ``fc8``; see
+        ``vgg_jax.layers``), or one name. The net is run only as far as the
+        deepest of them, so trunk layers take images of any size and
+        ``relu2_2`` costs four convs. None: the summary described below.
       valid_size: optional ``(N, 2)`` int ``(height, width)`` of each image
         placed at the top-left of a larger zero canvas ``x``. Activations are
         then zeroed outside the image after every layer, so every output
         inside the image equals that of the image run on its own: one
         compiled program serves images of many sizes (dense evaluation).
+        Named layers come back zero outside the image too (for the head:
+        where FC-6's window is not inside it).
       rngs: optional dropout streams for training mode.
 
     Returns:
-      ``block1``..``block5``: each block's pooled output ``(N, H/2^b, W/2^b,
-      width)``; ``fc6`` and ``fc7``: the head's post-ReLU activations (before
-      dropout) as maps ``(N, h, w, 4096)``, which are 1x1 on a training-size
-      crop (``fc7[:, 0, 0]`` is the classic 4096-d VGG feature); ``scores``:
-      the class score map ``(N, h, w, num_classes)`` in float32; with
-      ``valid_size`` also ``score_mask`` ``(N, h, w)``, True where FC-6's
-      window lies inside the image (``scores`` is zero elsewhere).
+      With ``layers``: exactly the requested activations by name, in the
+      compute dtype, ``(N, h, w, channels)`` each. Without: ``block1`` ..
+      ``block5``: each block's pooled output (``pool1`` .. ``pool5``, not
+      masked); ``fc6`` and ``fc7``: the head's post-ReLU activations (before
+      dropout; the layers ``relu6`` and ``relu7``) as maps ``(N, h, w,
+      4096)``, which are 1x1 on a training-size crop (``fc7[:, 0, 0]`` is the
+      classic 4096-d VGG feature); ``scores``: the class score map ``(N, h,
+      w, num_classes)`` in float32; with ``valid_size`` also ``score_mask``
+      ``(N, h, w)``, True where FC-6's window lies inside the image
+      (``scores`` is zero elsewhere).
+
+    Raises:
+      ValueError: a layer the net lacks (the message lists the valid ones),
+        or an image too small for FC-6 when a head layer is needed.
     """
-    out = {}
     x = jnp.asarray(x, self.dtype)
+    steps = self._activations(x, valid_size, rngs)
+    if layers is None:
+      self._check_fits_head(x.shape)
+      return self._summary(steps, valid_size)
+    wanted = check_layers(self.name, [layers] if isinstance(layers, str)
+                          else layers)
+    if not wanted:
+      return {}
+    if set(wanted) & set(HEAD_ACTIVATIONS):
+      self._check_fits_head(x.shape)
+    got = {}
+    for name, value in steps:
+      if name in wanted:
+        if valid_size is not None:
+          value = value * self._layer_mask(name, valid_size, value.shape[1:3]
+                                           )[..., None].astype(value.dtype)
+        got[name] = value
+        if len(got) == len(set(wanted)):
+          break  # the generator computes nothing further
+    return {name: got[name] for name in wanted}
+
+  def _check_fits_head(self, shape: Sequence[int]):
+    """Raises ValueError unless FC-6's window fits an ``(N, H, W, C)`` input."""
     k = self.fc6.kernel_size
-    if x.shape[1] < 32 * k[0] or x.shape[2] < 32 * k[1]:
+    if shape[1] < 32 * k[0] or shape[2] < 32 * k[1]:
       raise ValueError(
-          f'Input {x.shape[1]}x{x.shape[2]} is too small: FC-6 is a '
+          f'Input {shape[1]}x{shape[2]} is too small: FC-6 is a '
           f'{k[0]}x{k[1]} conv over the 1/32 map, so images must be at least '
           f'{32 * k[0]}x{32 * k[1]}.')
+
+  def _activations(self, x: jax.Array, valid_size: jax.Array | None,
+                   rngs: nnx.Rngs | None) -> Iterator[tuple[str, jax.Array]]:
+    """Yields ``(layer name, activation)`` in forward order, lazily."""
     for b, block in enumerate(self.blocks):
       valid = None
       if valid_size is not None:
         valid = valid_mask(valid_size, x.shape[1:3], 2 ** b)[..., None]
         valid = valid.astype(x.dtype)
-      x = block(x, valid)
-      out[f'block{b + 1}'] = x
-    x = nnx.relu(self.fc6(x))
-    out['fc6'] = x
-    x = nnx.relu(self.fc7(self.dropout(x, rngs=rngs)))
-    out['fc7'] = x
-    scores = self.fc8(self.dropout(x, rngs=rngs)).astype(jnp.float32)
+      for name, x in block.activations(x, valid, b):
+        yield name, x
+    x = self.fc6(x)
+    yield 'fc6', x
+    x = nnx.relu(x)
+    yield 'relu6', x
+    x = self.fc7(self.dropout(x, rngs=rngs))
+    yield 'fc7', x
+    x = nnx.relu(x)
+    yield 'relu7', x
+    yield 'fc8', self.fc8(self.dropout(x, rngs=rngs))
+
+  def _summary(self, steps: Iterator[tuple[str, jax.Array]],
+               valid_size: jax.Array | None) -> dict[str, jax.Array]:
+    """``features``' dict without ``layers``: blocks, fc6, fc7, scores."""
+    out = {}
+    for name, value in steps:
+      if name.startswith('pool'):
+        out['block' + name[len('pool'):]] = value
+      elif name in ('relu6', 'relu7'):
+        out['fc' + name[len('relu'):]] = value
+      elif name == 'fc8':
+        scores = value.astype(jnp.float32)
     if valid_size is not None:
-      # A score position is valid when FC-6's window lies inside the image.
-      valid_hw = jnp.asarray(valid_size) // 32 - jnp.asarray(k) + 1
-      score_mask = valid_mask(valid_hw, scores.shape[1:3], 1)
+      score_mask = self._layer_mask('fc8', valid_size, scores.shape[1:3])
       out['score_mask'] = score_mask
       scores = scores * score_mask[..., None]
     out['scores'] = scores
     return out
+
+  def _layer_mask(self, layer: str, valid_size: jax.Array,
+                  shape: Sequence[int]) -> jax.Array:
+    """Where a layer's ``(h, w)`` map lies inside each image, ``(N, h, w)``."""
+    if layer in HEAD_ACTIVATIONS:
+      # A head position is valid when FC-6's window lies inside the image.
+      valid_hw = jnp.asarray(valid_size) // 32 - jnp.asarray(
+          self.fc6.kernel_size) + 1
+      return valid_mask(valid_hw, shape, 1)
+    stride = {row['layer']: row['stride'] for row in layer_table(self.name)}
+    return valid_mask(valid_size, shape, stride[layer])
 
   def score_map(self, x: jax.Array, *, valid_size: jax.Array | None = None,
                 rngs: nnx.Rngs | None = None) -> jax.Array:
