@@ -237,8 +237,7 @@ def test_layer_mask_matches_the_masks_features_applies(loaded):
   for layer in ('conv2_1', 'conv4_2', 'fc6', 'fc8'):
     assert layer in layers.layer_names(model.name)
     act = np.asarray(model.features(x, [layer], valid_size=valid)[layer])[0]
-    mask = np.asarray(extract.layer_mask(model, layer, valid,
-                                         act.shape[:2]))[0]
+    mask = np.asarray(model.layer_mask(layer, valid, act.shape[:2]))[0]
     assert not np.any(act[~mask]), layer
     assert np.all(np.abs(act[mask]).max(axis=-1) > 0), layer
     assert 0 < mask.sum() < mask.size, layer

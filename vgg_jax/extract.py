@@ -61,29 +61,6 @@ _EPS = 1e-12  # norm floor: an all-zero descriptor stays zero
 _LOG_EVERY_BATCHES = 50
 
 
-def layer_mask(model: models.VGG, layer: str, valid_size: jax.Array,
-               shape: Sequence[int]) -> jax.Array:
-  """Where ``layer``'s map lies inside each image, ``(N, h, w)`` bool.
-
-  The positions ``VGG.features`` keeps (it zeroes the others); this mirrors
-  ``VGG._layer_mask``, which is private.
-
-  Args:
-    model: the net.
-    layer: one of ``models.layer_names(model.name)``.
-    valid_size: ``(N, 2)`` int image sizes on the canvas.
-    shape: ``(h, w)`` of the layer's map.
-  """
-  if layer in layers_lib.HEAD_ACTIVATIONS:
-    # A head position counts when FC-6's whole window lies inside the image.
-    valid_hw = jnp.asarray(valid_size) // 32 - jnp.asarray(
-        model.fc6.kernel_size) + 1
-    return models.valid_mask(valid_hw, shape, 1)
-  stride = {row['layer']: row['stride']
-            for row in layers_lib.layer_table(model.name)}[layer]
-  return models.valid_mask(valid_size, shape, stride)
-
-
 def pooled_features(model: models.VGG, images: jax.Array,
                     valid_size: jax.Array, layer: str) -> jax.Array:
   """A layer's map averaged over the positions inside each image.
@@ -98,7 +75,7 @@ def pooled_features(model: models.VGG, images: jax.Array,
     ``(N, channels)`` float32; zero for an image with no valid position.
   """
   act = model.features(images, [layer], valid_size=valid_size)[layer]
-  mask = layer_mask(model, layer, valid_size, act.shape[1:3])
+  mask = model.layer_mask(layer, valid_size, act.shape[1:3])
   # features() has already zeroed the map outside the mask.
   total = act.astype(jnp.float32).sum(axis=(1, 2))
   count = mask.sum(axis=(1, 2)).astype(jnp.float32)

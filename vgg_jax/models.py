@@ -251,7 +251,7 @@ class VGG(nnx.Module):
     for name, value in steps:
       if name in wanted:
         if valid_size is not None:
-          value = value * self._layer_mask(name, valid_size, value.shape[1:3]
+          value = value * self.layer_mask(name, valid_size, value.shape[1:3]
                                            )[..., None].astype(value.dtype)
         got[name] = value
         if len(got) == len(set(wanted)):
@@ -299,15 +299,23 @@ class VGG(nnx.Module):
       elif name == 'fc8':
         scores = value.astype(jnp.float32)
     if valid_size is not None:
-      score_mask = self._layer_mask('fc8', valid_size, scores.shape[1:3])
+      score_mask = self.layer_mask('fc8', valid_size, scores.shape[1:3])
       out['score_mask'] = score_mask
       scores = scores * score_mask[..., None]
     out['scores'] = scores
     return out
 
-  def _layer_mask(self, layer: str, valid_size: jax.Array,
-                  shape: Sequence[int]) -> jax.Array:
-    """Where a layer's ``(h, w)`` map lies inside each image, ``(N, h, w)``."""
+  def layer_mask(self, layer: str, valid_size: jax.Array,
+                 shape: Sequence[int]) -> jax.Array:
+    """Where a layer's ``(h, w)`` map lies inside each image, ``(N, h, w)``.
+
+    The positions ``features`` keeps with ``valid_size`` (it zeroes the rest).
+
+    Args:
+      layer: one of ``layer_names(self.name)``.
+      valid_size: ``(N, 2)`` int image sizes on the canvas.
+      shape: ``(h, w)`` of the layer's map.
+    """
     if layer in HEAD_ACTIVATIONS:
       # A head position is valid when FC-6's window lies inside the image.
       valid_hw = jnp.asarray(valid_size) // 32 - jnp.asarray(
