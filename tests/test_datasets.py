@@ -211,3 +211,54 @@ def test_an_incomplete_dataset_directory_is_a_clear_error(tmp_path):
   with pytest.raises(datasets.DamagedDatasetError,
                      match='holds no complete prepared dataset.*delete it'):
     datasets.ensure_prepared(builder)
+
+
+def _fail_reading(*args, **kwargs):
+  raise AssertionError('labels were read from the records again')
+
+
+def _read_only(*args, **kwargs):
+  raise PermissionError('read-only file system')
+
+
+def test_labels_are_read_once_and_cached_beside_the_dataset(
+    tmp_path, monkeypatch):
+  idx_dir = testing.write_idx_files(tmp_path / 'idx', _idx_splits())
+  config = _config(tmp_path, 'fashion_mnist', idx_dir)
+  info = input_pipeline.get_dataset_info(config)
+  builder = datasets.get_builder('fashion_mnist', data_dir=config.data.data_dir)
+  source = datasets.data_source(builder, 'train', info)
+  want = [int(source[i]['label']) for i in range(len(source))]
+  labels = source.labels('label')
+  assert labels.dtype == np.int32 and labels.tolist() == want
+  assert sorted(want) != want  # TFDS shuffled them: the order is checked
+  part = datasets.data_source(builder, 'train[10:20]', info)
+  assert part.labels('label').tolist() == want[10:20]
+  cache = builder.data_path / datasets.LABELS_DIR
+  cached = cache / ('fashion_mnist_idx-train.array_record-00000-of-00001'
+                    '.label.npy')
+  assert np.load(cached).tolist() == want
+  # A new process (empty memory cache) loads them without reading records.
+  monkeypatch.setattr(datasets, '_labels', {})
+  monkeypatch.setattr(datasets, '_read_labels', _fail_reading)
+  assert source.labels('label').tolist() == want
+  monkeypatch.undo()
+  # A damaged cache is read again and replaced.
+  monkeypatch.setattr(datasets, '_labels', {})
+  cached.write_bytes(b'\x93NUMPY damaged')
+  assert source.labels('label').tolist() == want
+  assert np.load(cached).tolist() == want
+
+
+def test_labels_of_a_read_only_dataset_stay_in_memory(tmp_path, monkeypatch):
+  idx_dir = testing.write_idx_files(tmp_path / 'idx', _idx_splits(2))
+  config = _config(tmp_path, 'fashion_mnist', idx_dir)
+  info = input_pipeline.get_dataset_info(config)
+  builder = datasets.get_builder('fashion_mnist', data_dir=config.data.data_dir)
+  source = datasets.data_source(builder, 'test', info)
+  monkeypatch.setattr(datasets.paths, 'replaced_atomically', _read_only)
+  want = [int(source[i]['label']) for i in range(len(source))]
+  assert source.labels('label').tolist() == want
+  assert not (builder.data_path / datasets.LABELS_DIR).exists()
+  monkeypatch.setattr(datasets, '_read_labels', _fail_reading)
+  assert source.labels('label').tolist() == want  # from memory

@@ -276,3 +276,27 @@ def test_config_errors(ramp_root, data_dir):
   config = _config(ramp_root, data_dir, interpolation='cubic-ish')
   with pytest.raises(ValueError, match='Unknown input.interpolation'):
     input_pipeline.create_train_iterator(config)
+
+
+def test_class_subset_of_an_image_folder(ids_root, data_dir):
+  """Classes by folder name; each image's value names its class."""
+  config = _config(ids_root, data_dir, scale_min=8, scale_max=8, crop_size=8)
+  config.data.classes = ('c05', 'c01', 'c30')
+  info = input_pipeline.get_dataset_info(config)
+  assert info.class_names == ('c05', 'c01', 'c30')
+  assert info.num_examples == {'train': 3, 'validation': 2}  # no c30 there
+  values = np.array([5, 1, 30])
+  batches = _batches(input_pipeline.create_train_iterator(
+      config, global_batch_size=3), 4)
+  for batch in batches:
+    assert sorted(batch['label']) == [0, 1, 2]  # one epoch per batch
+    for image, label in zip(batch['image'], batch['label']):
+      assert (image == values[label]).all()
+  batches = list(input_pipeline.create_eval_iterator(
+      config, scale=8, mode='center_crop', global_batch_size=4))
+  assert len(batches) == 1
+  batch = batches[0]
+  np.testing.assert_array_equal(batch['mask'], [True, True, False, False])
+  for image, label in zip(batch['image'][:2], batch['label'][:2]):
+    assert (image == values[label]).all()
+  assert sorted(batch['label'][:2]) == [0, 1]

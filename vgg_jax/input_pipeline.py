@@ -37,13 +37,19 @@ logged with the record id), evaluation masks them out and logs each once per
 process. Images larger than ``config.input.max_image_pixels`` are unreadable
 records. Worker processes (``config.data.num_workers``) end with the process
 that started them, however it ends (`workers`).
+
+A class subset (``config.data.classes``, `datasets.subsets`) restricts every
+split to the records of those classes, listed once per split from labels
+alone; sharding, shuffling and padding then work on that list as on a whole
+split, with the same guarantees, and labels are remapped to ``0..k-1``.
+``index`` stays the record's index in the whole split.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import grain
 import jax
@@ -55,6 +61,7 @@ from vgg_jax import datasets
 from vgg_jax import preprocessing
 from vgg_jax import workers
 from vgg_jax.datasets import DatasetInfo
+from vgg_jax.datasets import subsets
 
 EVAL_MODES = ('center_crop', 'full')
 
@@ -73,19 +80,51 @@ def _builder(config: ml_collections.ConfigDict):
 def _prepared_builder(config: ml_collections.ConfigDict):
   builder = _builder(config)
   datasets.ensure_prepared(builder, config.data.manual_dir)
-  return builder, datasets.dataset_info(builder)
+  info = subsets.subset_info(builder, datasets.dataset_info(builder),
+                             config.data.get('classes', ()))
+  return builder, info
 
 
 def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   """Describes the configured dataset, preparing it first if needed.
 
   Args:
-    config: the experiment config (``config.data`` selects the dataset).
+    config: the experiment config (``config.data`` selects the dataset and
+      ``config.data.classes`` a class subset).
 
   Returns:
-    Name, class count and names, and examples per split.
+    Name, class count and names, and examples per split (of the subset).
   """
   return _prepared_builder(config)[1]
+
+
+class _Split(NamedTuple):
+  """The records of a split that a pipeline reads.
+
+  Attributes:
+    name: the split.
+    info: the dataset (or class subset) info.
+    source: random access to the whole split.
+    records: indices in ``source`` read, ascending: all of them, or those of
+      the class subset.
+    label_map: dataset label -> label read; None: unchanged.
+  """
+  name: str
+  info: DatasetInfo
+  source: datasets.ArrayRecordSource
+  records: Sequence[int]
+  label_map: np.ndarray | None
+
+  def label(self, record: dict[str, Any]) -> np.int32:
+    label = record[self.info.label_key]
+    return np.int32(label if self.label_map is None else self.label_map[label])
+
+
+def _split(config: ml_collections.ConfigDict, split: str) -> _Split:
+  builder, info = _prepared_builder(config)
+  source = datasets.data_source(builder, split, info)
+  return _Split(split, info, source, subsets.subset_records(source, info),
+                subsets.label_map(info))
 
 
 def _process(process_index: int | None, process_count: int | None
@@ -152,17 +191,16 @@ class _TrainExample:
 
   Called by ``map_with_index`` over an endless range: position ``index`` is
   record ``keys[order[index % n]]`` of epoch ``index // n``, where ``keys``
-  are this process's ``n`` records and ``order`` a fresh permutation per
-  epoch and process. The example's randomness comes from
+  are this process's (``shard``'s) ``n`` records and ``order`` a fresh
+  permutation per epoch and process. The example's randomness comes from
   ``(seed, record, epoch)``.
   """
 
-  def __init__(self, source, info: DatasetInfo, split: str, keys: range,
+  def __init__(self, data: _Split, keys: Sequence[int], shard: int,
                config: ml_collections.ConfigDict):
-    self._source = source
-    self._info = info
-    self._split = split
+    self._data = data
     self._keys = keys
+    self._shard = shard
     self._seed = config.seed
     cfg = config.input
     self._scale_min, self._scale_max = cfg.scale_min, cfg.scale_max
@@ -176,17 +214,17 @@ class _TrainExample:
   def __call__(self, index: int, _
                ) -> dict[str, Any] | bad_records.SkippedRecord:
     epoch, position = divmod(index, len(self._keys))
-    order = _epoch_order(self._seed, self._keys.start, epoch,
-                         len(self._keys))
-    key = self._keys[int(order[position])]
+    order = _epoch_order(self._seed, self._shard, epoch, len(self._keys))
+    key = int(self._keys[int(order[position])])
     rng = np.random.default_rng((self._seed, key, epoch))
-    record = self._source[key]
+    data = self._data
+    record = data.source[key]
     try:
-      image = self._augment(record[self._info.image_key], rng)
+      image = self._augment(record[data.info.image_key], rng)
     except preprocessing.ImageDecodeError as e:
       return bad_records.SkippedRecord(
-          bad_records.record_id(self._info, self._split, key, record), str(e))
-    return {'image': image, 'label': np.int32(record[self._info.label_key])}
+          bad_records.record_id(data.info, data.name, key, record), str(e))
+    return {'image': image, 'label': data.label(record)}
 
   def _augment(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
     scale = int(rng.integers(self._scale_min, self._scale_max + 1))
@@ -211,9 +249,10 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
                           split: str | None = None) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of this process's training batches.
 
-  The split is sharded over processes (process ``i`` reads records
-  ``i, i + n, i + 2n, ...``), each shard is reshuffled every epoch with
-  ``config.seed``, and ``config.data.num_workers`` processes decode it.
+  The split (or its class subset's records) is sharded over processes
+  (process ``i`` reads records ``i, i + n, i + 2n, ...`` of it), each shard
+  is reshuffled every epoch with ``config.seed``, and
+  ``config.data.num_workers`` processes decode it.
 
   Args:
     config: the experiment config.
@@ -230,16 +269,14 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
   _check_input_config(config)
   index, count = _process(process_index, process_count)
   batch = _local_batch(global_batch_size or config.train.batch_size, count)
-  split = split or config.data.train_split
-  builder, info = _prepared_builder(config)
-  source = datasets.data_source(builder, split, info)
-  keys = range(index, len(source), count)
-  if not keys:
-    raise ValueError(f'Split {split!r} has {len(source)} examples, too few '
-                     f'for {count} processes.')
+  data = _split(config, split or config.data.train_split)
+  keys = data.records[index::count]
+  if not len(keys):  # pylint: disable=g-explicit-length-test
+    raise ValueError(f'Split {data.name!r} has {len(data.records)} examples, '
+                     f'too few for {count} processes.')
   # The transform maps stream positions to records (see _TrainExample).
   ds = grain.MapDataset.range(len(keys)).repeat()
-  ds = ds.map_with_index(_TrainExample(source, info, split, keys, config))
+  ds = ds.map_with_index(_TrainExample(data, keys, index, config))
   ds = ds.to_iter_dataset(_read_options(config.data.read_threads,
                                         config.data.read_buffer_size))
   ds = bad_records.SkipCountingIterDataset(
@@ -250,14 +287,11 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
 
 
 class _EvalExample:
-  """Reads example ``index`` of the split (padding beyond its end)."""
+  """Reads example ``index`` of the split's records (padding beyond them)."""
 
-  def __init__(self, source, info: DatasetInfo, split: str, *, scale: int,
-               mode: str, config: ml_collections.ConfigDict):
-    self._source = source
-    self._num_examples = len(source)
-    self._info = info
-    self._split = split
+  def __init__(self, data: _Split, *, scale: int, mode: str,
+               config: ml_collections.ConfigDict):
+    self._data = data
     self._scale = scale
     self._mode = mode
     self._crop_size = config.input.crop_size
@@ -280,13 +314,15 @@ class _EvalExample:
                'unreadable': '', 'unreadable_reason': ''}
     if self._mode == 'full':
       example['valid_size'] = np.zeros(2, np.int32)
-    if index >= self._num_examples:
+    data = self._data
+    if index >= len(data.records):
       return example
-    record = self._source[index]
-    example['label'] = np.int32(record[self._info.label_key])
-    example['index'] = np.int32(index)
+    key = int(data.records[index])
+    record = data.source[key]
+    example['label'] = data.label(record)
+    example['index'] = np.int32(key)
     try:
-      image = preprocessing.decode(record[self._info.image_key],
+      image = preprocessing.decode(record[data.info.image_key],
                                    max_pixels=self._max_pixels)
       if self._mode == 'full':
         pixels, size = preprocessing.rescale_to_canvas(
@@ -300,20 +336,14 @@ class _EvalExample:
     except preprocessing.ImageDecodeError as e:
       # Reported by the consuming process (bad_records.report_unreadable):
       # an unreadable record is named once, not once per stream.
-      record_id = bad_records.record_id(self._info, self._split, index, record)
-      example['unreadable'] = f'{self._info.name} {record_id}'
+      record_id = bad_records.record_id(data.info, data.name, key, record)
+      example['unreadable'] = f'{data.info.name} {record_id}'
       example['unreadable_reason'] = str(e)
       example['skipped'] = np.int32(1)
       return example
     example['image'] = pixels
     example['mask'] = np.bool_(True)
     return example
-
-
-def _eval_source(config: ml_collections.ConfigDict, split: str | None):
-  split = split or config.data.eval_split
-  builder, info = _prepared_builder(config)
-  return split, info, datasets.data_source(builder, split, info)
 
 
 def num_eval_batches(config: ml_collections.ConfigDict, *,
@@ -334,8 +364,8 @@ def num_eval_batches(config: ml_collections.ConfigDict, *,
   _, count = _process(0, process_count)
   global_batch = global_batch_size or config.train.eval_batch_size
   _local_batch(global_batch, count)
-  _, _, source = _eval_source(config, split)
-  return max(1, math.ceil(len(source) / global_batch))
+  data = _split(config, split or config.data.eval_split)
+  return max(1, math.ceil(len(data.records) / global_batch))
 
 
 def create_eval_iterator(config: ml_collections.ConfigDict, *,
@@ -373,11 +403,10 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *,
   index, count = _process(process_index, process_count)
   global_batch = global_batch_size or config.train.eval_batch_size
   batch = _local_batch(global_batch, count)
-  split, info, source = _eval_source(config, split)
-  num_batches = max(1, math.ceil(len(source) / global_batch))
+  data = _split(config, split or config.data.eval_split)
+  num_batches = max(1, math.ceil(len(data.records) / global_batch))
   padded = grain.MapDataset.range(num_batches * global_batch)[index::count]
-  ds = padded.map(_EvalExample(source, info, split, scale=scale, mode=mode,
-                               config=config))
+  ds = padded.map(_EvalExample(data, scale=scale, mode=mode, config=config))
   # Batching before the workers split the data keeps every batch full and
   # their number fixed; each thread then decodes a whole batch.
   threads = config.data.eval_read_threads

@@ -20,14 +20,21 @@ tfds.decode.SkipDecoding()})`` with a faster single-record read). Records
 come back with the image still encoded (bytes), so the input pipeline decodes
 it with its own robust decoder.
 Neither preparing the package's own builders nor reading needs TensorFlow.
+
+Class subsets (``config.data.classes``) are `subsets`; they read only labels
+(`ArrayRecordSource.labels`): a file's labels are parsed once from its
+records, without the images, and cached in a ``vgg_jax_labels`` folder next
+to the prepared files (and in memory), so later runs find them at once.
 """
 
 from __future__ import annotations
 
 import bisect
+from concurrent import futures
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import itertools
 import os
 import threading
@@ -36,17 +43,21 @@ from typing import Any, Iterator, Mapping
 from absl import logging
 from array_record.python import array_record_module
 from etils import epath
+import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants
 from tensorflow_datasets.core import file_adapters
 from tensorflow_datasets.core import registered
+from tensorflow_datasets.proto import tf_example_pb2
 
+from vgg_jax import paths
 from vgg_jax.datasets import fashion_mnist
 from vgg_jax.datasets import image_folder
 
 FASHION_MNIST = 'fashion_mnist'
 IMAGE_FOLDER = 'image_folder'
 FILE_FORMAT = 'array_record'
+LABELS_DIR = 'vgg_jax_labels'  # label caches, next to the prepared files
 
 
 class DamagedDatasetError(ValueError):
@@ -69,6 +80,8 @@ class DatasetInfo:
     image_key: feature holding the encoded image.
     label_key: feature holding the integer label.
     id_key: feature naming each record (e.g. its file), or None.
+    source_labels: for a class subset, the dataset's label of each class
+      (class ``i`` is dataset label ``source_labels[i]``); None: all classes.
   """
   name: str
   num_classes: int
@@ -77,6 +90,7 @@ class DatasetInfo:
   image_key: str = 'image'
   label_key: str = 'label'
   id_key: str | None = None
+  source_labels: tuple[int, ...] | None = None
 
 
 def get_builder(dataset: str, *, data_dir: str | None = None,
@@ -313,6 +327,94 @@ class ArrayRecordSource:
   def __getitem__(self, key: int) -> Any:
     return self._features.deserialize_example_np(
         self.read_raw(int(key)), decoders=self._decoders)
+
+  def labels(self, label_key: str) -> np.ndarray:
+    """Every record's label, int32 (len,), read once per file and cached.
+
+    Args:
+      label_key: the integer label feature.
+    """
+    if not self._files:
+      return np.zeros(0, np.int32)
+    # Threads overlap the first reading of many files (ImageNet has 1024).
+    with futures.ThreadPoolExecutor(min(16, len(self._files))) as pool:
+      parts = pool.map(functools.partial(_shard_labels, label_key=label_key),
+                       self._files)
+      return np.concatenate(list(parts))
+
+
+def _shard_labels(shard: tuple[str, int, int], label_key: str) -> np.ndarray:
+  """Labels of a split's records in one file: (path, first, count)."""
+  path, skip, take = shard
+  return _file_labels(path, label_key, skip + take)[skip:skip + take]
+
+
+# (file, label feature) -> labels of all its records, for this process.
+_labels: dict[tuple[str, str], np.ndarray] = {}
+_labels_lock = threading.Lock()
+
+
+def _file_labels(path: str, label_key: str, min_records: int) -> np.ndarray:
+  """The labels of one ``array_record`` file's records, read only once.
+
+  Cached in memory and in ``LABELS_DIR`` beside the file: a prepared
+  dataset never changes, and a new preparation replaces its whole folder.
+
+  Args:
+    path: the file.
+    label_key: the integer label feature.
+    min_records: a cache with fewer labels than this is stale and reread.
+  """
+  with _labels_lock:
+    labels = _labels.get((path, label_key))
+  if labels is not None and len(labels) >= min_records:
+    return labels
+  cache = epath.Path(path).parent / LABELS_DIR / (
+      f'{os.path.basename(path)}.{label_key}.npy')
+  try:
+    with cache.open('rb') as f:
+      labels = np.load(f)
+  except (OSError, ValueError, EOFError):  # not cached yet, or damaged
+    labels = None
+  if labels is None or len(labels) < min_records:
+    labels = _read_labels(path, label_key)
+    try:
+      with paths.replaced_atomically(cache, overwrite=True) as tmp:
+        with tmp.open('wb') as f:
+          np.save(f, labels)
+    except OSError as e:  # e.g. a read-only dataset: keep them in memory
+      logging.warning('Cannot cache labels in %s (%s).', cache, e)
+  with _labels_lock:
+    _labels[(path, label_key)] = labels
+  return labels
+
+
+def _read_labels(path: str, label_key: str, chunk: int = 4096
+                 ) -> np.ndarray:
+  """Reads the labels of one file, parsing each record but no image."""
+  # Once per file and dataset; ImageNet's 1024 files log every 10 s.
+  logging.log_every_n_seconds(
+      logging.INFO, 'Reading the labels of %s (once: cached in %s).', 10,
+      path, LABELS_DIR)
+  try:
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+      count = reader.num_records()
+      labels = np.empty(count, np.int32)
+      for start in range(0, count, chunk):
+        for i, raw in enumerate(reader.read(start, min(count, start + chunk))):
+          # TFDS stores a ClassLabel as a tf.Example int64 scalar; parsing
+          # just the proto is 10x faster than deserialising the features.
+          feature = tf_example_pb2.Example.FromString(raw).features.feature
+          labels[start + i] = feature[label_key].int64_list.value[0]
+    finally:
+      reader.close()
+  except (RuntimeError, IndexError) as e:  # I/O failure, or no label
+    raise DamagedDatasetError(
+        f'Cannot read the labels {label_key!r} of {path} ({e}): delete '
+        f'{os.path.dirname(path)} and prepare it again (python -m '
+        'vgg_jax.datasets.prepare).') from None
+  return labels
 
 
 def data_source(builder: tfds.core.DatasetBuilder, split: str,
