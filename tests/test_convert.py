@@ -205,7 +205,7 @@ def test_torchvision_landmarks():
   vgg16_bn = layouts.expected_source_shapes('torchvision', 'vgg16_bn')
   assert vgg16_bn['features.41.running_var'] == (512,)
   n = sum(int(np.prod(s)) for k, s in vgg16.items())
-  assert n == 138_357_544  # PAPER.md, Table 1 D
+  assert n == 138_357_544  # docs/paper.md §1, Table 1 D
 
 
 @pytest.mark.parametrize('name', ['vgg11', 'vgg16_bn'])

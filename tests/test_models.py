@@ -1,4 +1,4 @@
-"""The model zoo against the paper (PAPER.md §1) and the model's contracts."""
+"""The model zoo against the paper (docs/paper.md §1) and the model's contracts."""
 
 
 import jax
@@ -35,7 +35,7 @@ PAPER_PARAMS = {
     'vgg13_5x5': 10_860_672 + 123_642_856,
 }
 PAPER_GMAC = {'vgg11': 7.61, 'vgg13': 11.31, 'vgg16': 15.47, 'vgg19': 19.63}
-FC_PARAMS = 123_642_856  # the three FC layers, PAPER.md §1
+FC_PARAMS = 123_642_856  # the three FC layers, docs/paper.md §1
 
 
 def _conv_widths(name):
@@ -78,7 +78,7 @@ def test_gmac_match_paper(name):
 
 
 def test_dense_eval_gmac_match_paper():
-  # PAPER.md §3: VGG-16 dense evaluation at Q = 256 / 384 / 512.
+  # docs/paper.md §3: VGG-16 dense evaluation at Q = 256 / 384 / 512.
   for q, gmac in ((256, 20.5), (384, 49.6), (512, 92.5)):
     assert models.count_macs('vgg16', q) / 1e9 == pytest.approx(gmac, abs=0.06)
 

@@ -177,7 +177,7 @@ def to_vgg_jax(kind: str, array: np.ndarray,
   h, w, i, o = shape
   if kind == 'oihw':
     return array.transpose(2, 3, 1, 0)
-  if kind == 'linear':  # (o, c*h*w) flattened C,H,W (PAPER.md §5)
+  if kind == 'linear':  # (o, c*h*w) flattened C,H,W (docs/paper.md §6)
     return array.reshape(o, i, h, w).transpose(2, 3, 1, 0)
   if kind == 'dense_hwc':  # (h*w*c, o) flattened H,W,C
     return array.reshape(h, w, i, o)

@@ -87,7 +87,7 @@ def local_response_norm(x: jax.Array, *, n: int = 5, k: float = 2.0,
 
 def initializer(scheme: str):
   """The kernel initialiser of an ``INIT_SCHEMES`` name."""
-  if scheme == 'normal':  # the paper: zero-mean normal, std 0.01 (PAPER.md §2)
+  if scheme == 'normal':  # the paper: zero-mean normal, std 0.01 (docs/paper.md §2)
     return nnx.initializers.normal(stddev=0.01)
   if scheme == 'glorot':
     return nnx.initializers.glorot_uniform()
