@@ -1,25 +1,42 @@
-"""Configuration B (VGG-13) trained on ImageNet at S=256, the paper's recipe.
+"""Configuration B (VGG-13) on ImageNet, the paper's recipe.
 
-First four convs and the three FC layers from a trained net A.
+`--config=configs/vgg13.py:STAGE` selects the training stage (Sec. 3.1;
+default s256); every stage validates at its own single test scale. The
+whole chain, net A first, evaluations and a results table included, is one
+command (see `vgg_jax/recipe.py`)::
 
-Command::
+    python -m vgg_jax.recipe --net=vgg13 --root=$ROOT
 
-    python -m vgg_jax.main --config=configs/vgg13.py --workdir=$WORKDIR \
-      --config.train.init_from=WORKDIR_OF_VGG11
+Stage s256: S=256, lr 1e-2, first four convs and the three FC layers from net A
+(the rest std 0.01), validated at Q=256::
 
-Expected (paper, Table 3, single scale Q=256): top-1 / top-5 error 28.7 / 9.9 %.
-For S=384 add `--config.input.scale_min=384 --config.input.scale_max=384
---config.train.learning_rate=1e-3 --config.train.init_from=<S=256 run>`; for
-multi-scale S in [256, 512] set scale_min=256, scale_max=512 and init from the
-S=384 run.
+    python -m vgg_jax.main --config=configs/vgg13.py:s256 \
+      --workdir=$ROOT/vgg13_s256 \
+      --config.train.init_from=$ROOT/vgg11
+
+  Expected (paper, Table 3, dense, Q=256): top-1 / top-5 error 28.7 / 9.9 %.
+
+Stage s384: S=384, lr 1e-3, initialised from the s256 run, validated at Q=384::
+
+    python -m vgg_jax.main --config=configs/vgg13.py:s384 \
+      --workdir=$ROOT/vgg13_s384 \
+      --config.train.init_from=$ROOT/vgg13_s256
+
+  Expected: not in the paper (Table 3 lists this net at S=256 only).
+
+Stage jitter: S drawn per image from [256, 512], lr 1e-3, initialised from
+the s384 run, validated at Q=384::
+
+    python -m vgg_jax.main --config=configs/vgg13.py:jitter \
+      --workdir=$ROOT/vgg13_jitter \
+      --config.train.init_from=$ROOT/vgg13_s384
+
+  Expected: not in the paper (Table 3 lists this net at S=256 only).
 """
 
 from vgg_jax.configs import base
 
 
-def get_config():
-  """Returns the config for net B."""
-  config = base.get_config()
-  config.model.name = 'vgg13'  # paper configuration B
-  config.train.init_from = ''  # set to a trained vgg11 workdir (paper: init from net A)
-  return config
+def get_config(stage: str = base.DEFAULT_STAGE):
+  """Returns the config of net B at ``stage`` (s256, s384 or jitter)."""
+  return base.paper_stage('vgg13', stage)

@@ -1,25 +1,42 @@
-"""Configuration C (VGG-16 with 1x1 convs) trained on ImageNet at S=256, the paper's recipe.
+"""Configuration C (VGG-16 with 1x1 convs) on ImageNet, the paper's recipe.
 
-First four convs and the three FC layers from a trained net A.
+`--config=configs/vgg16_c.py:STAGE` selects the training stage (Sec. 3.1;
+default s256); every stage validates at its own single test scale. The
+whole chain, net A first, evaluations and a results table included, is one
+command (see `vgg_jax/recipe.py`)::
 
-Command::
+    python -m vgg_jax.recipe --net=vgg16_c --root=$ROOT
 
-    python -m vgg_jax.main --config=configs/vgg16_c.py --workdir=$WORKDIR \
-      --config.train.init_from=WORKDIR_OF_VGG11
+Stage s256: S=256, lr 1e-2, first four convs and the three FC layers from net A
+(the rest std 0.01), validated at Q=256::
 
-Expected (paper, Table 3, single scale Q=256): top-1 / top-5 error 28.1 / 9.4 %.
-For S=384 add `--config.input.scale_min=384 --config.input.scale_max=384
---config.train.learning_rate=1e-3 --config.train.init_from=<S=256 run>`; for
-multi-scale S in [256, 512] set scale_min=256, scale_max=512 and init from the
-S=384 run.
+    python -m vgg_jax.main --config=configs/vgg16_c.py:s256 \
+      --workdir=$ROOT/vgg16_c_s256 \
+      --config.train.init_from=$ROOT/vgg11
+
+  Expected (paper, Table 3, dense, Q=256): top-1 / top-5 error 28.1 / 9.4 %.
+
+Stage s384: S=384, lr 1e-3, initialised from the s256 run, validated at Q=384::
+
+    python -m vgg_jax.main --config=configs/vgg16_c.py:s384 \
+      --workdir=$ROOT/vgg16_c_s384 \
+      --config.train.init_from=$ROOT/vgg16_c_s256
+
+  Expected (paper, Table 3, dense, Q=384): 28.1 / 9.3 %.
+
+Stage jitter: S drawn per image from [256, 512], lr 1e-3, initialised from
+the s384 run, validated at Q=384::
+
+    python -m vgg_jax.main --config=configs/vgg16_c.py:jitter \
+      --workdir=$ROOT/vgg16_c_jitter \
+      --config.train.init_from=$ROOT/vgg16_c_s384
+
+  Expected (paper, Table 3, dense, Q=384): 27.3 / 8.8 %.
 """
 
 from vgg_jax.configs import base
 
 
-def get_config():
-  """Returns the config for net C."""
-  config = base.get_config()
-  config.model.name = 'vgg16_c'  # paper configuration C
-  config.train.init_from = ''  # set to a trained vgg11 workdir (paper: init from net A)
-  return config
+def get_config(stage: str = base.DEFAULT_STAGE):
+  """Returns the config of net C at ``stage`` (s256, s384 or jitter)."""
+  return base.paper_stage('vgg16_c', stage)

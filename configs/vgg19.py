@@ -1,25 +1,44 @@
-"""Configuration E (VGG-19) trained on ImageNet at S=256, the paper's recipe.
+"""Configuration E (VGG-19) on ImageNet, the paper's recipe.
 
-First four convs and the three FC layers from a trained net A.
+`--config=configs/vgg19.py:STAGE` selects the training stage (Sec. 3.1;
+default s256); every stage validates at its own single test scale. The
+whole chain, net A first, evaluations and a results table included, is one
+command (see `vgg_jax/recipe.py`)::
 
-Command::
+    python -m vgg_jax.recipe --net=vgg19 --root=$ROOT
 
-    python -m vgg_jax.main --config=configs/vgg19.py --workdir=$WORKDIR \
-      --config.train.init_from=WORKDIR_OF_VGG11
+Stage s256: S=256, lr 1e-2, first four convs and the three FC layers from net A
+(the rest std 0.01), validated at Q=256::
 
-Expected (paper, Table 3, single scale Q=256): top-1 / top-5 error 27.3 / 9.0 %.
-For S=384 add `--config.input.scale_min=384 --config.input.scale_max=384
---config.train.learning_rate=1e-3 --config.train.init_from=<S=256 run>`; for
-multi-scale S in [256, 512] set scale_min=256, scale_max=512 and init from the
-S=384 run.
+    python -m vgg_jax.main --config=configs/vgg19.py:s256 \
+      --workdir=$ROOT/vgg19_s256 \
+      --config.train.init_from=$ROOT/vgg11
+
+  Expected (paper, Table 3, dense, Q=256): top-1 / top-5 error 27.3 / 9.0 %.
+
+Stage s384: S=384, lr 1e-3, initialised from the s256 run, validated at Q=384::
+
+    python -m vgg_jax.main --config=configs/vgg19.py:s384 \
+      --workdir=$ROOT/vgg19_s384 \
+      --config.train.init_from=$ROOT/vgg19_s256
+
+  Expected (paper, Table 3, dense, Q=384): 26.9 / 8.7 %.
+
+Stage jitter: S drawn per image from [256, 512], lr 1e-3, initialised from
+the s384 run, validated at Q=384::
+
+    python -m vgg_jax.main --config=configs/vgg19.py:jitter \
+      --workdir=$ROOT/vgg19_jitter \
+      --config.train.init_from=$ROOT/vgg19_s384
+
+  Expected (paper, Table 3, dense, Q=384): 25.5 / 8.0 %; multi-scale Q in
+  {256, 384, 512} (Tables 4, 5): dense 24.8 / 7.5, multi-crop 24.6 / 7.4,
+  multi-crop & dense 24.4 / 7.1 %.
 """
 
 from vgg_jax.configs import base
 
 
-def get_config():
-  """Returns the config for net E."""
-  config = base.get_config()
-  config.model.name = 'vgg19'  # paper configuration E
-  config.train.init_from = ''  # set to a trained vgg11 workdir (paper: init from net A)
-  return config
+def get_config(stage: str = base.DEFAULT_STAGE):
+  """Returns the config of net E at ``stage`` (s256, s384 or jitter)."""
+  return base.paper_stage('vgg19', stage)

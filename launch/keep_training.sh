@@ -8,7 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<EOF
-Usage: launch/keep_training.sh --config=configs/NAME.py [--workdir=gs://...]
+Usage: launch/keep_training.sh (--config=configs/NAME.py | --recipe=NET) [--workdir=gs://...]
                                [--spot | --preemptible] [--poll-seconds=60]
                                [--max-failures=3] [--skip-setup]
                                [--assume-state=STATE] [common flags] [-- MAIN_ARGS...]
@@ -25,7 +25,8 @@ A training failure while the TPU stays READY is a crash, not a preemption;
 after --max-failures of those in a row the loop stops.
 Run it where it can live for days (tmux/screen on a small VM or workstation).
 
-  --config, --workdir, -- MAIN_ARGS   as for launch/train_tpu.sh
+  --config, --recipe, --workdir,
+  --data-dir, --multiprocess, -- MAIN_ARGS   as for launch/train_tpu.sh
   --spot / --preemptible              passed to create_tpu.sh (or SPOT=1)
   --poll-seconds=N                    wait between state checks (default 60)
   --max-failures=N                    crashes on a READY TPU before giving up (default 3)
@@ -48,7 +49,7 @@ EXTRA=()
 while (($#)); do
   case "$1" in
     -h | --help) usage; exit 0 ;;
-    --config=* | --workdir=* | --data-dir=* | --multiprocess=*) TRAIN_ARGS+=("$1") ;;
+    --config=* | --recipe=* | --workdir=* | --data-dir=* | --multiprocess=*) TRAIN_ARGS+=("$1") ;;
     --spot) SPOT=1 ;;
     --preemptible) CREATE_ARGS+=(--preemptible) ;;
     --poll-seconds=*) POLL_SECONDS="${1#*=}" ;;
