@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.read_buffer_size = 128  # examples decoded ahead per worker
   config.data.eval_read_threads = 2  # eval batches decoded at once per worker (memory)
   config.data.max_consecutive_skips = 100  # more unreadable records in a row: error
+  config.data.classes = ()  # class subset: names or indices, remapped to 0..k-1 in this order; () = all
 
   config.input = ml_collections.ConfigDict()
   config.input.scale_min = 256  # training scale S (smallest side); S_min
