@@ -72,3 +72,25 @@ def test_train_state_and_the_old_dict_layout_restore_alike(tiny_config,
     jax.tree.map(np.testing.assert_array_equal, restored['state'], state)
     raw = checkpointing.read_state(str(tmp_path / name), 1)
     assert set(raw) == {'step', 'params', 'batch_stats', 'opt_state'}, name
+
+
+def test_error_summary_is_the_innermost_cause_on_one_line():
+  try:
+    try:
+      raise OSError('Failed writing "a/b":\n' + 'x' * 2000 +
+                    ' File too large [os_error_code=27]')
+    except OSError as inner:
+      raise ValueError('outer') from inner
+  except ValueError as e:
+    summary = checkpointing.error_summary(e)
+  assert '\n' not in summary and len(summary) < 800
+  assert summary.startswith('Failed writing "a/b":')
+  assert summary.endswith('File too large [os_error_code=27]')
+
+
+def test_read_meta_names_a_damaged_file(net_a_copy):
+  (net_a_copy / 'checkpoints' / '2' / 'meta' / 'metadata').write_text('{')
+  with pytest.raises(checkpointing.DamagedCheckpointError,
+                     match=r'Checkpoint 2 in .* is damaged: meta/metadata: '
+                           r'unparsable .* Other checkpoints there: none'):
+    checkpointing.read_meta(str(net_a_copy))

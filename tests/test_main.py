@@ -112,3 +112,27 @@ def test_sigterm_saves_a_restorable_checkpoint(tiny_config, tmp_path):
   tiny_config.train.max_steps = step + 2
   summary = train.train_and_evaluate(tiny_config, str(workdir))
   assert summary['step'] == step + 2
+
+
+def test_initialize_distributed_bounds_every_wait(monkeypatch):
+  calls = []
+  monkeypatch.setattr(main.jax.distributed, 'initialize',
+                      lambda **kwargs: calls.append(kwargs))
+  assert not main.initialize_distributed('false', 7.5)
+  monkeypatch.setenv('VGG_JAX_COORDINATOR', 'localhost:1234')
+  monkeypatch.setenv('VGG_JAX_NUM_PROCESSES', '2')
+  monkeypatch.setenv('VGG_JAX_PROCESS_ID', '1')
+  assert main.initialize_distributed('auto', 7.5)
+  # JAX's own limits are the backstop, after the one-line timer and watchdog.
+  assert calls == [dict(coordinator_address='localhost:1234',
+                        num_processes=2, process_id=1,
+                        initialization_timeout=16,
+                        heartbeat_timeout_seconds=16,
+                        shutdown_timeout_seconds=8)]
+
+  def refuse(**kwargs):
+    raise ValueError(f'bad address {kwargs["coordinator_address"]}')
+  monkeypatch.setattr(main.jax.distributed, 'initialize', refuse)
+  with pytest.raises(main.PeerLostError,
+                     match='Could not join .*bad address localhost:1234'):
+    main.initialize_distributed('auto', 7.5)

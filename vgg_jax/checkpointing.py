@@ -24,8 +24,9 @@ run (``train.init_from``), is ``vgg_jax.weights``' job.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import grain
 import jax
@@ -101,6 +102,10 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict
       ]),
       best_fn=_top1, best_mode='max',
       enable_async_checkpointing=True, create=True)
+  absl_logger = std_logging.getLogger('absl')
+  if not any(isinstance(f, _OrbaxErrorsOnOneLine)
+             for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxErrorsOnOneLine())
   return ocp.CheckpointManager(
       paths.absolute(workdir) / CHECKPOINT_DIR, options=options,
       item_names=ITEM_NAMES)
@@ -241,27 +246,38 @@ def read_state(workdir: str, step: int) -> dict[str, Any]:
   try:
     return ocp.StandardCheckpointer().restore(where)
   except Exception as e:  # pylint: disable=broad-except
-    # TensorStore and Orbax raise ValueError, OSError or plain Exception for
-    # unreadable files; one line naming the checkpoint is what a user needs.
+    # TensorStore raises ValueError, OSError or a plain Exception.
     raise DamagedCheckpointError(
         f'Checkpoint {step} in {where.parent.parent} could not be read: '
         f'{error_summary(e)}') from e
 
 
 def error_summary(error: BaseException) -> str:
-  """The innermost cause of ``error``, on one line (TensorStore nests them)."""
+  """The innermost cause of ``error`` on one line; if long, start and end."""
+  # TensorStore nests causes and ends with the OS's reason (File too large).
   while error.__cause__ is not None:
     error = error.__cause__
   text = ' '.join(str(error).split()) or type(error).__name__
-  return text if len(text) <= 400 else text[:400] + '...'
+  return text if len(text) <= 700 else f'{text[:250]} ... {text[-400:]}'
+
+
+class _OrbaxErrorsOnOneLine(std_logging.Filter):
+  """Orbax's log records of a failed save without their tracebacks.
+
+  Orbax logs the failure once per thread, each with the same traceback; the
+  `CheckpointSaveError` that follows names the step and the cause once.
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.exc_info and '/orbax/' in record.pathname.replace('\\', '/'):
+      record.msg = f'{record.getMessage()}: {error_summary(record.exc_info[1])}'
+      record.args, record.exc_info, record.exc_text = (), None, None
+    return True
 
 
 def steps_on_disk(workdir: str) -> list[int]:
-  """The checkpoint steps of a workdir, newest first, intact or not.
-
-  Unfinished saves (Orbax's ``<step>.orbax-checkpoint-tmp`` directories) are
-  not checkpoints and are left out.
-  """
+  """The checkpoint steps of a workdir, newest first, intact or not."""
+  # Unfinished saves (<step>.orbax-checkpoint-tmp) are not checkpoints.
   where = _checkpoint_dir(workdir)
   if not where.exists():
     return []
@@ -272,9 +288,8 @@ def steps_on_disk(workdir: str) -> list[int]:
 def find_damage(workdir: str, step: int) -> str | None:
   """What is wrong with one checkpoint's files, or None if nothing is.
 
-  Reads the JSON metadata and TensorStore's OCDBT index of the arrays, not
-  the arrays themselves: every array file the index refers to must exist
-  and hold at least the bytes the index places in it.
+  Reads the JSON files and TensorStore's OCDBT index, not the arrays: every
+  file the index refers to must exist and hold the bytes it places there.
 
   Args:
     workdir: the run's workdir.
@@ -303,20 +318,13 @@ _REQUIRED_JSON = ('meta/metadata', 'state/_METADATA')
 _OPTIONAL_JSON = ('_CHECKPOINT_METADATA', 'metrics/metrics')
 
 
-def _json_files(root: epath.Path) -> Iterator[tuple[str, bool]]:
-  """``(name, required)`` for every JSON file of a checkpoint."""
-  yield from ((name, True) for name in _REQUIRED_JSON)
-  yield from ((name, False) for name in _OPTIONAL_JSON)
-  if (root / 'data').exists():  # one Grain iterator state per process
-    yield from ((f'data/{p.name}', True)
-                for p in sorted((root / 'data').glob('*.json')))
-
-
 def _damaged_json(root: epath.Path) -> str | None:
-  for name, required in _json_files(root):
+  # Besides the metadata: the Grain iterator state of each process.
+  iterators = sorted(f'data/{p.name}' for p in (root / 'data').glob('*.json'))
+  for name in (*_REQUIRED_JSON, *iterators, *_OPTIONAL_JSON):
     path = root / name
     if not path.exists():
-      if required:
+      if name not in _OPTIONAL_JSON:
         return f'{name}: missing'
       continue
     try:
@@ -364,10 +372,8 @@ def _damaged_arrays(state: epath.Path) -> str | None:
 
 
 def _located(location: str) -> tuple[str, int]:
-  """``'value:ocdbt.process_0/:d/ab12:504668:9781'`` -> (file, end byte).
-
-  OCDBT locations are ``kind:base_path:relative_path:offset:length``.
-  """
+  """``'value:ocdbt.process_0/:d/ab12:504668:9781'`` -> (file, end byte)."""
+  # OCDBT locations are kind:base_path:relative_path:offset:length.
   _, rest = location.split(':', 1)
   path, offset, length = rest.rsplit(':', 2)
   base, relative = path.split(':', 1)
@@ -389,9 +395,9 @@ def resume_step(workdir: str, manager: ocp.CheckpointManager, *,
                 strict: bool) -> int | None:
   """The checkpoint to resume from: the newest one that is not damaged.
 
-  Each damaged checkpoint newer than it is logged in one line naming the
-  step and the file, and moved to ``workdir/damaged_checkpoints`` (so the
-  resumed run can save that step again), with a warning.
+  Each damaged newer one is logged in one line naming the step and the file,
+  and moved to ``workdir/damaged_checkpoints`` (so that the resumed run can
+  save its step again), with a warning.
 
   Args:
     workdir: the run's workdir.
@@ -436,8 +442,9 @@ def resume_step(workdir: str, manager: ocp.CheckpointManager, *,
 
 def _set_aside(workdir: str, steps: list[int]) -> None:
   """Moves damaged checkpoints out of Orbax's sight, into `DAMAGED_DIR`."""
-  # Every process has looked at the files before process 0 moves them.
-  _sync_processes('vgg_jax_damaged_checkpoints_found')
+  multiprocess = jax.process_count() > 1
+  if multiprocess:  # every process has looked before process 0 moves them
+    multihost_utils.sync_global_devices('vgg_jax_damaged_checkpoints_found')
   if jax.process_index() == 0:
     target_dir = paths.absolute(workdir) / DAMAGED_DIR
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -447,12 +454,8 @@ def _set_aside(workdir: str, steps: list[int]) -> None:
         target = target_dir / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
       (_checkpoint_dir(workdir) / str(step)).rename(target)
       logging.warning('Moved damaged checkpoint %d to %s.', step, target)
-  _sync_processes('vgg_jax_damaged_checkpoints_moved')
-
-
-def _sync_processes(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+  if multiprocess:
+    multihost_utils.sync_global_devices('vgg_jax_damaged_checkpoints_moved')
 
 
 def save_failure(workdir: str, step: int,

@@ -20,7 +20,6 @@ crashed or hung), instead of waiting in a collective for ever. The workdir
 then resumes from its latest checkpoint when all processes are restarted.
 """
 
-import contextlib
 import math
 import os
 import platform
@@ -32,6 +31,7 @@ import traceback
 import flax
 import grain
 import jax
+import ml_collections
 import optax
 import orbax.checkpoint
 from absl import flags
@@ -172,6 +172,11 @@ class PeerWatchdog:
     self._thread = threading.Thread(target=self._watch, daemon=True,
                                     name='peer-watchdog')
     self._client = None
+    # peer -> (its last heartbeat value, when it last changed); written by
+    # the watchdog thread only.
+    self._seen = {p: (None, time.monotonic())
+                  for p in range(jax.process_count())
+                  if p != jax.process_index()}
 
   def __enter__(self) -> 'PeerWatchdog':
     self._client = orbax.checkpoint.multihost.get_jax_distributed_client()
@@ -192,11 +197,22 @@ class PeerWatchdog:
   def _key(self, process: int) -> str:
     return f'{_HEARTBEAT_KEY}{process}'
 
+  def wait_for_peers(self) -> None:
+    """Returns once every peer has shown a sign of life since the call.
+
+    If one does not, the watchdog ends this process within ``timeout_s``
+    with the news that the peer stopped, and this never returns.
+    """
+    start = time.monotonic()
+    while any(since <= start for _, since in list(self._seen.values())):
+      time.sleep(self.poll_s / 2)
+    if jax.process_index() == 0:
+      # The coordination service ends with process 0, and JAX aborts the
+      # processes still using it: let them see this one alive first.
+      time.sleep(3 * self.poll_s)
+
   def _watch(self) -> None:
-    me, beat = jax.process_index(), 0
-    # peer -> (its last heartbeat value, when it last changed)
-    seen = {p: (None, time.monotonic()) for p in range(jax.process_count())
-            if p != me}
+    me, beat, seen = jax.process_index(), 0, self._seen
     while not self._stop.wait(self.poll_s):
       beat += 1
       try:
@@ -268,22 +284,35 @@ def main(flag_values: flags.FlagValues) -> int:
   """
   config = flag_values.config
   timeout = config.train.get('peer_timeout_s', DEFAULT_PEER_TIMEOUT_S)
-  multiprocess = False
   try:
     multiprocess = initialize_distributed(flag_values.multiprocess, timeout)
     _log_environment()
-    with (PeerWatchdog(timeout) if multiprocess
-          else contextlib.nullcontext()):
-      train.train_and_evaluate(config, flag_values.workdir)
-  except Exception as e:  # pylint: disable=broad-except
     if multiprocess:
-      exit_now(e)
-    if not isinstance(e, _RUN_ERRORS):
-      raise  # user errors: one line from cli; bugs: their traceback
+      _train_with_peers(config, flag_values.workdir, timeout)
+    else:
+      train.train_and_evaluate(config, flag_values.workdir)
+  except _RUN_ERRORS as e:  # user errors: one line from cli; bugs: traceback
     logging.flush()
     print(cli.error_line(e), file=sys.stderr)
     return 1
   return 0
+
+
+def _train_with_peers(config: ml_collections.ConfigDict, workdir: str,
+                      timeout_s: float) -> None:
+  """``train_and_evaluate`` under a `PeerWatchdog`; an error ends the process.
+
+  An error here may be a collective or checkpoint barrier that failed
+  because a peer died, with a message that does not say so (Gloo's
+  "connection reset"); the error is reported once every peer is seen alive,
+  and otherwise the watchdog reports the silent peer within ``timeout_s``.
+  """
+  with PeerWatchdog(timeout_s) as watchdog:
+    try:
+      train.train_and_evaluate(config, workdir)
+    except Exception as e:  # pylint: disable=broad-except
+      watchdog.wait_for_peers()
+      exit_now(e)
 
 
 if __name__ == '__main__':

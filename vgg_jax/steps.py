@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from clu import metrics as clu_metrics
 from flax import nnx
 from jax.sharding import Mesh
 
+from vgg_jax import finetune
 from vgg_jax import metrics
 from vgg_jax import models
 from vgg_jax import optim
@@ -34,6 +36,8 @@ from vgg_jax import sharding
 
 Batch = dict[str, jax.Array]
 Normalize = Callable[[jax.Array], jax.Array]
+# The trainable-parameter filter of train.freeze='none'.
+_ALL = nnx.Everything()
 
 
 @flax.struct.dataclass
@@ -87,9 +91,10 @@ class TrainState:
 
   Attributes:
     step: int32 scalar, steps taken.
-    params: the model's ``nnx.Param`` state.
+    params: the model's ``nnx.Param`` state, frozen parameters included.
     batch_stats: its ``nnx.BatchStat`` state (empty without BN).
-    opt_state: the Optax state of ``optim.create_optimizer``.
+    opt_state: the Optax state of ``create_optimizer``, for the trainable
+      parameters only.
   """
   step: jax.Array
   params: nnx.State
@@ -105,9 +110,11 @@ class TrainSetup:
     graphdef: the model's graph definition in training mode.
     eval_graphdef: the same in eval mode (no dropout, running BN statistics).
     rest: model state other than params and BN statistics (RNG streams).
-    tx: the Optax chain.
+    tx: the Optax chain, over the trainable parameters.
     mesh: the device mesh.
     shardings: a ``TrainState`` of ``NamedSharding``s, one per array.
+    trainable: the ``nnx`` filter of the parameters that train
+      (``finetune.trainable_filter`` of ``train.freeze``).
   """
   graphdef: nnx.GraphDef
   eval_graphdef: nnx.GraphDef
@@ -115,6 +122,7 @@ class TrainSetup:
   tx: optax.GradientTransformation
   mesh: Mesh
   shardings: TrainState
+  trainable: Any = _ALL
 
   def abstract(self, state: TrainState) -> TrainState:
     """``state`` as ``jax.ShapeDtypeStruct``s with their shardings (restore)."""
@@ -170,40 +178,81 @@ def create_train_state(
     mesh: the device mesh (``sharding.create_mesh()``).
     init_weights: called on the freshly initialised model before it is
       split, to overwrite weights in place (``train`` passes
-      ``weights.init_from`` for a new run with ``train.init_from``).
+      ``weights.init_from`` for a new run with ``train.init_from``); it may
+      return the names of the layers it copied (``finetune.layer_of``), the
+      others then count as new for ``train.new_layers_lr_mult``.
 
   Returns:
     ``(setup, state)``; ``state.step`` is 0.
+
+  Raises:
+    ValueError: a bad ``train.freeze`` or ``train.new_layers_lr_mult``.
   """
+  freeze = finetune.check_freeze(config.train.get('freeze', 'none'))
+  trainable_filter = finetune.trainable_filter(freeze)
   model = create_sharded_model(config, mesh)
-  if init_weights is not None:
-    init_weights(model)
+  copied = init_weights(model) if init_weights is not None else None
   model.train()
+  finetune.freeze_batch_norms(model, freeze)
   graphdef, params, batch_stats, rest = split_model(model)
   model.eval()
   eval_graphdef = nnx.split(model)[0]
-  tx = optim.create_optimizer(config, params)
+  trainable, _ = finetune.split_trainable(params, trainable_filter)
+  tx = create_optimizer(config, trainable, copied)
   shard = config.train.shard_params
   shardings = TrainState(
       step=sharding.replicated(mesh),
       params=sharding.tree_shardings(params, mesh, shard),
       batch_stats=sharding.tree_shardings(batch_stats, mesh, shard),
-      opt_state=sharding.tree_shardings(jax.eval_shape(tx.init, params),
+      opt_state=sharding.tree_shardings(jax.eval_shape(tx.init, trainable),
                                         mesh, shard))
   state = TrainState(
       step=jax.device_put(np.zeros((), np.int32), shardings.step),
       params=params, batch_stats=batch_stats,
-      opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
+      opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(
+          trainable))
   setup = TrainSetup(graphdef=graphdef, eval_graphdef=eval_graphdef,
-                     rest=rest, tx=tx, mesh=mesh, shardings=shardings)
+                     rest=rest, tx=tx, mesh=mesh, shardings=shardings,
+                     trainable=trainable_filter)
   return setup, state
 
 
-def _loss(params: nnx.State, batch_stats: nnx.State, images: jax.Array,
-          labels: jax.Array, key: jax.Array, *, graphdef: nnx.GraphDef,
-          rest: nnx.State):
-  """Mean cross-entropy, with the logits and updated BN statistics as aux."""
-  model = nnx.merge(graphdef, params, batch_stats, rest, copy=True)
+def create_optimizer(config: ml_collections.ConfigDict, trainable: nnx.State,
+                     copied: Any = None) -> optax.GradientTransformation:
+  """``optim.create_optimizer`` of the trainable parameters, new ones scaled.
+
+  The update of each layer ``init_from`` did not copy is multiplied by
+  ``train.new_layers_lr_mult`` (``finetune.scale_by_leaf``).
+
+  Args:
+    config: the run config (``train.new_layers_lr_mult``; it applies only
+      with ``train.init_from``).
+    trainable: the parameters that train.
+    copied: the layers ``init_from`` copied (the others are new); None:
+      unknown (a resumed run), every scale 1 until the checkpoint's are
+      restored.
+  """
+  tx = optim.create_optimizer(config, trainable)
+  mult = finetune.check_lr_mult(config.train.get('new_layers_lr_mult', 1.0))
+  if mult == 1.0:
+    return tx  # the optimiser state of runs without fine-tuning unchanged
+  if not config.train.init_from:
+    logging.warning('train.new_layers_lr_mult=%g has no effect without '
+                    'train.init_from (no layer is copied).', mult)
+    return tx
+  scales = finetune.new_layer_scales(trainable, copied, mult)
+  return optax.chain(tx, finetune.scale_by_leaf(scales))
+
+
+def _loss(params: nnx.State, frozen: nnx.State, batch_stats: nnx.State,
+          images: jax.Array, labels: jax.Array, key: jax.Array, *,
+          graphdef: nnx.GraphDef, rest: nnx.State):
+  """Mean cross-entropy, with the logits and updated BN statistics as aux.
+
+  ``params`` are the trainable parameters (differentiated), ``frozen`` the
+  others (constants: no gradient is computed through them).
+  """
+  model = nnx.merge(graphdef, params, frozen, batch_stats, rest, copy=True)
   logits = model(images, rngs=nnx.Rngs(dropout=key))
   loss = metrics.cross_entropy(logits, labels).mean()
   return loss, (logits, nnx.state(model, nnx.BatchStat))
@@ -212,15 +261,20 @@ def _loss(params: nnx.State, batch_stats: nnx.State, images: jax.Array,
 def train_step(state: TrainState, batch: Batch, learning_rate: jax.Array, *,
                graphdef: nnx.GraphDef, rest: nnx.State,
                tx: optax.GradientTransformation, normalize: Normalize,
-               seed: int) -> tuple[TrainState, TrainMetrics, jax.Array]:
+               seed: int, trainable: Any = _ALL
+               ) -> tuple[TrainState, TrainMetrics, jax.Array]:
   """One SGD step: forward, backward, update (see ``make_train_step``)."""
   key = jax.random.fold_in(jax.random.key(seed), state.step)
   loss_fn = functools.partial(_loss, graphdef=graphdef, rest=rest)
+  # Differentiating only the trainable subset: no backward pass runs through
+  # frozen layers that nothing trainable lies below (a frozen trunk).
+  params, frozen = finetune.split_trainable(state.params, trainable)
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params, state.batch_stats,
+      loss_fn, has_aux=True)(params, frozen, state.batch_stats,
                              normalize(batch['image']), batch['label'], key)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optim.apply_updates(state.params, updates, learning_rate)
+  updates, opt_state = tx.update(grads, state.opt_state, params)
+  params = nnx.merge_state(
+      optim.apply_updates(params, updates, learning_rate), frozen)
   new_state = TrainState(step=state.step + 1, params=params,
                          batch_stats=batch_stats, opt_state=opt_state)
   step_metrics = TrainMetrics.single_from_model_output(
@@ -231,22 +285,24 @@ def train_step(state: TrainState, batch: Batch, learning_rate: jax.Array, *,
 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State,
                     tx: optax.GradientTransformation, normalize: Normalize,
-                    seed: int):
+                    seed: int, trainable: Any = _ALL):
   """The pure training step: forward, backward, SGD update.
 
   Args:
     graphdef: the model's graph definition in training mode.
     rest: model state other than params and BN statistics (RNG streams).
-    tx: the Optax chain from ``optim.create_optimizer``.
+    tx: the Optax chain from ``create_optimizer``.
     normalize: uint8 images -> normalised float32 on device.
     seed: base seed; dropout uses ``fold_in(seed, step)``, so it is the same
       for a resumed run and across device counts.
+    trainable: the ``nnx`` filter of the parameters that train; the others
+      are neither differentiated nor changed.
 
   Returns:
     ``step(state, batch, learning_rate) -> (state, metrics, loss)``.
   """
   return functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx,
-                           normalize=normalize, seed=seed)
+                           normalize=normalize, seed=seed, trainable=trainable)
 
 
 def eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
@@ -290,7 +346,7 @@ def jit_train_step(setup: TrainSetup, config: ml_collections.ConfigDict):
   batch_shd = sharding.batch_sharding(setup.mesh)
   return jax.jit(
       make_train_step(setup.graphdef, setup.rest, setup.tx,
-                      _normalizer(config), config.seed),
+                      _normalizer(config), config.seed, setup.trainable),
       in_shardings=(setup.shardings, batch_shd, None),
       out_shardings=(setup.shardings, None, None), donate_argnums=(0,))
 

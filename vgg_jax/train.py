@@ -29,7 +29,9 @@ from clu import metric_writers
 from clu import periodic_actions
 from flax import traverse_util
 
+from vgg_jax import architectures
 from vgg_jax import checkpointing
+from vgg_jax import finetune
 from vgg_jax import input_pipeline
 from vgg_jax import models
 from vgg_jax import optim
@@ -82,6 +84,9 @@ def _check_model_config(config: ml_collections.ConfigDict) -> None:
   """Raises a ValueError for a bad model name or option (before any data)."""
   models.parse_name(config.model.name)
   models.ModelOptions.from_config(config.model)
+  # The paper's std-0.01 init stalls deeper nets without net A's layers.
+  architectures.check_initialisation(config.model.name, config.model.init,
+                                     config.train.init_from)
 
 
 def _check_config(config, info, num_devices: int) -> None:
@@ -164,6 +169,14 @@ class Trainer:
       _, meta = checkpointing.read_meta(self.workdir, resume_step)
       checkpointing.check_compatible(meta['model'], self.config, self.workdir)
     init_weights = None
+    if self.config.train.init_from:
+      # The input the init weights expect; once resumed, as the run's own
+      # checkpoint recorded it (the init_from dir may be gone by then).
+      source = self.config.train.init_from
+      recorded, where = ((meta, self.workdir) if meta is not None else
+                         (weights.source_metadata(source), source))
+      self.config = finetune.source_normalization(self.config, recorded,
+                                                  where)
     if resume_step is None and self.config.train.init_from:
       init_weights = functools.partial(weights.init_from, config=self.config)
     self.setup, self.state = steps.create_train_state(

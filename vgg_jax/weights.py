@@ -24,12 +24,14 @@ from absl import logging
 from flax import nnx
 
 from vgg_jax import checkpointing
+from vgg_jax import finetune
 from vgg_jax import models
 from vgg_jax import pretrained
 from vgg_jax import trees
 from vgg_jax.configs import base
 
 CheckpointMismatchError = checkpointing.CheckpointMismatchError
+DamagedCheckpointError = checkpointing.DamagedCheckpointError
 # Leaves of a BN layer that are running statistics (nnx.BatchStat), not
 # trainable parameters.
 BATCH_STAT_LEAVES = ('mean', 'var')
@@ -56,6 +58,11 @@ def load_variables(path: str, checkpoint: str | int = 'latest'
     ``nnx.to_pure_dict`` layout with int list indices
     (``trees.canonical``), and the checkpoint metadata, whose ``model`` entry
     holds the model name and options (and, for workdirs, ``step``).
+
+  Raises:
+    DamagedCheckpointError: the checkpoint's files are damaged; the message
+      names the step and the file (one line for ``evaluate``, ``predict`` and
+      ``init_from``).
   """
   if pretrained.is_pretrained_dir(path):
     state, meta = pretrained.load_state_dict(path)
@@ -93,6 +100,7 @@ def load_model(path: str, *, checkpoint: str | int = 'latest'
   Raises:
     CheckpointMismatchError: the checkpoint does not fit the model its
       workdir's config describes.
+    DamagedCheckpointError: the checkpoint's files are damaged.
   """
   if pretrained.is_pretrained_dir(path):
     model, config, meta = _load_pretrained(path)
@@ -162,57 +170,81 @@ def init_from(model: models.VGG,
               config: ml_collections.ConfigDict) -> list[str]:
   """Copies layers from ``config.train.init_from`` into ``model`` in place.
 
-  A checkpoint of the same architecture is copied whole (the paper's
-  S=256 -> S=384 -> multi-scale fine-tuning chain). A net-A (``vgg11``)
-  checkpoint into a deeper net copies A's four conv layers block by block
-  (A's block b, conv i -> block b, conv i; Sec. 3.1) and the three FC layers;
-  everything else keeps its random initialisation. Copied arrays keep the
-  model's dtypes and shardings.
+  From the same architecture, every layer the source has with the model's
+  shapes is copied: the whole net along the paper's S=256 -> S=384 ->
+  multi-scale chain, all but a new FC-8 when ``num_classes`` differs, the
+  trunk of trunk-only pretrained weights. A net-A (``vgg11``) checkpoint into
+  a deeper net copies A's four conv layers block by block (A's block b,
+  conv i -> block b, conv i; Sec. 3.1) and the three FC layers.
+  ``train.init_layers`` narrows the choice (``vgg_jax.finetune``). The rest
+  keeps its random initialisation. The plan is checked on shapes before
+  any array is copied, so a mismatch leaves the model as it was. Copied
+  arrays keep the model's dtypes and shardings.
 
   Args:
     model: the freshly initialised model.
     config: the run config.
 
   Returns:
-    The names of the copied layers.
+    The copied layers (``blocks.b.convs.i``, ``fc6``...), in model order;
+    the others are new.
 
   Raises:
-    CheckpointMismatchError: different architectures other than A -> deeper,
-      or any shape mismatch.
+    CheckpointMismatchError: another architecture than the same or
+      A -> deeper, or a difference ``train.init_layers`` does not allow (the
+      message lists the layers that differ).
   """
   where = config.train.init_from
   params, stats, meta = load_variables(where, 'latest')
-  layers = _layers_to_copy(meta['model']['name'], model, config.model.name,
-                           where)
   source = {**trees.flatten(params), **trees.flatten(stats)}
   target = _model_weights(model)
-  for layer in layers:
-    _copy_layer(source, target, layer, where)
-    if model.batch_norm and layer.startswith('blocks'):
-      _copy_layer(source, target, layer.replace('convs', 'norms'), where)
+  candidates = _candidate_layers(meta['model']['name'], model,
+                                 config.model.name, source, target, where)
+  plan = finetune.plan_copy(source, target, candidates,
+                            config.train.get('init_layers', 'matching'))
+  if plan.problems:
+    raise CheckpointMismatchError(
+        f'init_from {where}: {"; ".join(plan.problems)}. train.init_layers '
+        "chooses what to copy (e.g. 'trunk' or 'trunk,fc6,fc7'); the rest "
+        'starts from random.')
+  for path, like in target.items():
+    if finetune.layer_of(path) in plan.copy:
+      target[path] = _placed_like(source[path], like)
   _assign_weights(model, target)
-  logging.info('init_from %s (%s, step %s): copied %s; the rest is random.',
-               where, meta['model']['name'], meta.get('step'),
-               ', '.join(layers))
-  return layers
+  logging.info('init_from %s (%s, step %s): copied %s; new (random init): '
+               '%s.', where, meta['model']['name'], meta.get('step'),
+               finetune.describe_layers(plan.copy),
+               finetune.describe_layers(plan.new))
+  return list(plan.copy)
 
 
-def _layers_to_copy(src_name: str, model: models.VGG, dst_name: str,
-                    where: str) -> list[str]:
-  """The layers (``blocks.b.convs.i``, ``fc6``...) ``init_from`` copies."""
+def source_metadata(path: str) -> dict[str, Any]:
+  """What ``init_from`` weights record (model, normalisation), no arrays.
+
+  Args:
+    path: a training workdir (its latest checkpoint) or a pretrained dir.
+  """
+  if pretrained.is_pretrained_dir(path):
+    return pretrained.read_metadata(path)
+  return checkpointing.read_meta(path, 'latest')[1]
+
+
+def _candidate_layers(src_name: str, model: models.VGG, dst_name: str,
+                      source: Flat, target: Flat, where: str) -> list[str]:
+  """The layers the two architectures allow ``init_from`` to copy."""
   src_arch, src_bn = models.parse_name(src_name)
   if src_name == dst_name:
-    arch = model.architecture
-    convs = _conv_layers(arch)
-  elif src_arch.config == 'A' and src_bn == model.batch_norm:
-    convs = _conv_layers(src_arch)[:NET_A_CONV_LAYERS]
-  else:
-    raise CheckpointMismatchError(
-        f'init_from={where!r} holds {src_name}; it can initialise only the '
-        'same architecture or, if it is net A '
-        f'(vgg11{"_bn" if model.batch_norm else ""}), a deeper net; the '
-        f'config asks for {dst_name}.')
-  return convs + list(HEAD_LAYERS)
+    return finetune.layers_of(target)
+  if src_arch.config == 'A' and src_bn == model.batch_norm:
+    return _conv_layers(src_arch)[:NET_A_CONV_LAYERS] + list(HEAD_LAYERS)
+  differ = finetune.describe_differences(source, target)
+  more = f'; ... and {len(differ) - 20} more' if len(differ) > 20 else ''
+  raise CheckpointMismatchError(
+      f'init_from={where!r} holds {src_name}; it can initialise only the '
+      'same architecture or, if it is net A '
+      f'(vgg11{"_bn" if model.batch_norm else ""}), a deeper net; the '
+      f'config asks for {dst_name}. Layers that differ: '
+      f'{"; ".join(differ[:20])}{more}.')
 
 
 def _conv_layers(arch: models.Architecture) -> list[str]:
@@ -229,41 +261,6 @@ def _assign_weights(model: nnx.Module, flat: Flat) -> None:
   """Writes ``_model_weights``-style arrays back into the model."""
   state = nnx.state(model, _WEIGHTS)
   nnx.update(model, state_from_pure(state, trees.unflatten(flat)))
-
-
-def _lookup(flat: Flat, prefix: trees.Path) -> Flat:
-  """The leaves under ``prefix``, keyed by their path below it."""
-  return {p[len(prefix):]: v for p, v in flat.items()
-          if p[:len(prefix)] == prefix}
-
-
-def _layer_path(layer: str) -> trees.Path:
-  """``'blocks.0.convs.1'`` -> ``('blocks', 0, 'convs', 1)``."""
-  return tuple(int(p) if p.isdigit() else p for p in layer.split('.'))
-
-
-def _copy_layer(src: Flat, dst: Flat, layer: str, where: str) -> None:
-  """Copies every leaf of ``layer`` from ``src`` into ``dst`` (in place).
-
-  Raises:
-    CheckpointMismatchError: the layer or one of its leaves is missing in
-      ``src``, or has another shape.
-  """
-  prefix = _layer_path(layer)
-  have, want = _lookup(src, prefix), _lookup(dst, prefix)
-  if not have:
-    raise CheckpointMismatchError(
-        f'init_from {where}: layer {layer} is missing.')
-  for leaf, like in want.items():
-    name = trees.path_str(leaf)
-    if leaf not in have:
-      raise CheckpointMismatchError(
-          f'init_from {where}: {layer}.{name} is missing.')
-    if tuple(np.shape(have[leaf])) != tuple(like.shape):
-      raise CheckpointMismatchError(
-          f'init_from {where}: {layer}.{name} has shape '
-          f'{np.shape(have[leaf])}, the model wants {like.shape}.')
-    dst[prefix + leaf] = _placed_like(have[leaf], like)
 
 
 def _placed_like(value: Any, like: jax.Array) -> jax.Array:

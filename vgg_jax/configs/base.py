@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.mean_rgb = IMAGENET_MEAN_RGB  # 0-255 mean subtracted by mean_rgb
   config.input.interpolation = 'bilinear'  # resampling filter: bilinear, bicubic, lanczos, ...
   config.input.jpeg_draft = True  # training: decode JPEGs at 1/2-1/8 size when S allows
+  config.input.normalization_from_init = True  # init_from weights' normalisation unless normalization/mean_rgb are set
   config.input.max_image_pixels = 64_000_000  # larger images are skipped (decompression bombs)
   config.input.eval_scales = (256,)  # test scales Q (smallest side)
   config.input.dense_max_aspect = 1.5  # full-image eval canvas side: Q * this, up to a multiple of 32
@@ -84,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.step_boundaries_epochs = (30.0, 60.0)  # 'step' schedule drop epochs
   config.train.warmup_epochs = 0.0  # linear warm-up for step and cosine
   config.train.init_from = ''  # checkpoint dir: net A (deeper nets) or the same net (fine-tuning)
+  config.train.init_layers = 'matching'  # what init_from copies: matching (same-shape layers; FC-8 may be new), trunk, or e.g. 'trunk,fc6,fc7'
+  config.train.freeze = 'none'  # none, trunk (conv trunk and its BN fixed) or all_but_fc8 (linear classifier on FC-7)
+  config.train.new_layers_lr_mult = 1.0  # learning-rate multiplier of the layers init_from did not copy
   config.train.shard_params = False  # FSDP-style: shard params/optimizer over the data axis
   config.train.eval_every_steps = 5000  # validation (and plateau check) period
   config.train.log_every_steps = 100  # training-metric period
