@@ -142,7 +142,7 @@ def test_trunk_only_dir_gives_a_new_head_and_copies_bn(tiny_config,
 @pytest.mark.parametrize('init_layers, want', [
     ('trunk', NET_A_CONVS),
     ('trunk,fc6', NET_A_CONVS + ['fc6']),
-    (('conv1_1', 'fc7', 'blocks.4.convs.1'),
+    ('conv1_1,fc7,blocks.4.convs.1',
      ['blocks.0.convs.0', 'blocks.4.convs.1', 'fc7']),
     ('head', ['fc6', 'fc7', 'fc8']),
 ])
