@@ -10,17 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from vgg_jax import checkpointing
 from vgg_jax import metrics
 from vgg_jax import models
-from vgg_jax import optim
 from vgg_jax import sharding
 from vgg_jax import steps
 from vgg_jax import train
 from vgg_jax import weights
-from vgg_jax.configs import base
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -114,54 +111,6 @@ def test_bad_config_values_fail_before_any_data(tiny_config, tmp_path):
   tiny_config.input.eval_scales = (24,)
   with pytest.raises(ValueError, match=r'Validation scale .* 24 is smaller'):
     train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
-
-
-def test_plateau_drops_after_patience_at_most_max_drops():
-  p = optim.Plateau(patience=2, factor=0.1, max_drops=2)
-  assert p.update(0.5) == 'improved' and p.scale == 1
-  assert p.update(0.5) == 'waiting'
-  assert p.update(0.4) == 'dropped' and p.scale == pytest.approx(0.1)
-  assert p.update(0.6) == 'improved'
-  assert [p.update(0.6), p.update(0.6)] == ['waiting', 'dropped']
-  assert p.scale == pytest.approx(0.01)
-  assert [p.update(0.1), p.update(0.1)] == ['waiting', 'exhausted']
-  assert p.drops == 2 and p.scale == pytest.approx(0.01)
-  q = optim.Plateau(patience=2, factor=0.1, max_drops=2)
-  q.load_state_dict(json.loads(json.dumps(p.state_dict())))
-  assert (q.best, q.drops, q.bad_evals) == (p.best, p.drops, p.bad_evals)
-
-
-def test_weight_decay_masks_biases_and_norms_by_default(tiny_config):
-  model = models.create_model('vgg11_bn', width_multiplier=1 / 16,
-                              num_classes=10, fc6_kernel=1)
-  params = nnx.state(model, nnx.Param)
-  for decay_all in (False, True):
-    tiny_config.train.decay_biases_and_norms = decay_all
-    tiny_config.train.momentum = 0.0
-    tx = optim.create_optimizer(tiny_config, params)
-    zero = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zero, tx.init(params), params)
-    for (path, u), (_, p) in zip(nnx.to_flat_state(updates),
-                                 nnx.to_flat_state(params)):
-      u, p = np.asarray(u[...]), np.asarray(p[...])
-      if path[-1] == 'kernel' or decay_all:
-        np.testing.assert_allclose(u, 5e-4 * p, rtol=1e-6)
-      else:
-        assert not np.any(u), path
-
-
-def test_schedules():
-  config = base.get_config()
-  config.train.schedule = 'step'
-  config.train.step_boundaries_epochs = (1.0, 2.0)
-  lr = optim.base_schedule(config, steps_per_epoch=10, total_steps=30)
-  assert [lr(0), lr(10), lr(25)] == pytest.approx([0.01, 0.001, 0.0001])
-  config.train.schedule = 'cosine'
-  lr = optim.base_schedule(config, steps_per_epoch=10, total_steps=30)
-  assert lr(0) == pytest.approx(0.01) and lr(30) == pytest.approx(0.0)
-  config.train.schedule = 'linear'
-  with pytest.raises(ValueError, match="Unknown train.schedule 'linear'"):
-    optim.base_schedule(config, 10, 30)
 
 
 def _params(workdir, checkpoint='latest'):
