@@ -13,7 +13,6 @@ import pytest
 
 from vgg_jax import checkpointing
 from vgg_jax import metrics
-from vgg_jax import models
 from vgg_jax import sharding
 from vgg_jax import steps
 from vgg_jax import train
