@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny Fashion-MNIST-format dataset, tiny configs, a run."""
 
 import importlib.util
+import os
 import pathlib
 import shutil
 
@@ -33,6 +34,37 @@ def learnable_images(n, seed):
     r, q = divmod(int(c), 5)
     img[2 + 12 * r:12 + 12 * r, 1 + 5 * q:6 + 5 * q] = 230
   return images, labels
+
+
+def _ppid_and_state(pid):
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      fields = f.read().rsplit(')', 1)[1].split()
+  except (FileNotFoundError, ProcessLookupError):
+    return None
+  return int(fields[1]), fields[0]
+
+
+def alive(pid):
+  """Whether process ``pid`` exists and is not a zombie (from /proc)."""
+  info = _ppid_and_state(pid)
+  return info is not None and info[1] != 'Z'
+
+
+def descendants(pid):
+  """Live processes below ``pid`` (from /proc)."""
+  parents = {}
+  for entry in os.listdir('/proc'):
+    if entry.isdigit():
+      info = _ppid_and_state(int(entry))
+      if info and info[1] != 'Z':
+        parents.setdefault(info[0], []).append(int(entry))
+  found, todo = [], [pid]
+  while todo:
+    children = parents.get(todo.pop(), [])
+    found += children
+    todo += children
+  return found
 
 
 @pytest.fixture(scope='session')

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from conftest import alive, descendants
+
 from vgg_jax import datasets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -65,36 +67,6 @@ def _start(script, *args, **kwargs):
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def _ppid_and_state(pid):
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      fields = f.read().rsplit(')', 1)[1].split()
-  except (FileNotFoundError, ProcessLookupError):
-    return None
-  return int(fields[1]), fields[0]
-
-
-def _alive(pid):
-  info = _ppid_and_state(pid)
-  return info is not None and info[1] != 'Z'
-
-
-def _descendants(pid):
-  """Live processes below ``pid`` (from /proc)."""
-  parents = {}
-  for entry in os.listdir('/proc'):
-    if entry.isdigit():
-      info = _ppid_and_state(int(entry))
-      if info and info[1] != 'Z':
-        parents.setdefault(info[0], []).append(int(entry))
-  found, todo = [], [pid]
-  while todo:
-    children = parents.get(todo.pop(), [])
-    found += children
-    todo += children
-  return found
-
-
 def _wait_for(process, word):
   """Reads the child's stdout up to a line ``word``."""
   for line in process.stdout:
@@ -106,16 +78,16 @@ def _wait_for(process, word):
 def _wait_gone(pids, timeout):
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
-    alive = [p for p in pids if _alive(p)]
-    if not alive:
+    left = [p for p in pids if alive(p)]
+    if not left:
       return []
     time.sleep(0.2)
-  return alive
+  return left
 
 
 def _kill_leftovers(pids):
   for pid in pids:
-    if _alive(pid):
+    if alive(pid):
       os.kill(pid, signal.SIGKILL)
 
 
@@ -132,7 +104,7 @@ def test_workers_end_with_a_killed_parent(how, iterators, fashion_idx_dir,
   workers = []
   try:
     _wait_for(process, 'READY')
-    workers = _descendants(process.pid)
+    workers = descendants(process.pid)
     # Two per iterator, and multiprocessing's resource tracker.
     assert len(workers) >= (4 if iterators == 'eval' else 2)
     if how == 'SIGINT to the group':  # Ctrl-C in a terminal
@@ -157,7 +129,7 @@ def test_workers_end_with_their_parent(end, fashion_idx_dir, tfds_dir):
   workers = []
   try:
     _wait_for(process, 'READY')
-    workers = _descendants(process.pid)
+    workers = descendants(process.pid)
     assert len(workers) >= 2
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == (0 if end == 'normal' else 1), stderr[-3000:]

@@ -42,7 +42,7 @@ from vgg_jax import checkpointing
 from vgg_jax import cli
 from vgg_jax import train
 
-# config.train.peer_timeout_s where the config has no such field.
+# Default of initialize_distributed's bound (configs set train.peer_timeout_s).
 DEFAULT_PEER_TIMEOUT_S = 60.0
 # JAX's own checks also end a process whose peer stopped or never arrived,
 # but by an abort with C++ and Python stack dumps; `PeerWatchdog` and a timer
@@ -283,7 +283,7 @@ def main(flag_values: flags.FlagValues) -> int:
     (a non-finite loss, a failed save, a lost peer), reported in one line.
   """
   config = flag_values.config
-  timeout = config.train.get('peer_timeout_s', DEFAULT_PEER_TIMEOUT_S)
+  timeout = config.train.peer_timeout_s
   try:
     multiprocess = initialize_distributed(flag_values.multiprocess, timeout)
     _log_environment()

@@ -163,7 +163,7 @@ class Trainer:
     """
     resume_step = checkpointing.resume_step(
         self.workdir, self.manager,
-        strict=self.config.train.get('strict_resume', False))
+        strict=self.config.train.strict_resume)
     meta = None
     if resume_step is not None:
       _, meta = checkpointing.read_meta(self.workdir, resume_step)

@@ -93,6 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.log_every_steps = 100  # training-metric period
   config.train.checkpoint_every_steps = 5000  # checkpoint period
   config.train.keep_checkpoints = 3  # most recent checkpoints kept (plus the best)
+  config.train.strict_resume = False  # refuse (not fall back) when the newest checkpoint is damaged
+  config.train.peer_timeout_s = 60.0  # multi-process: wait this long for a lost or late process, then exit
   config.train.profile_steps = 0  # if > 0, profile this many steps after step 10
   return config
 
