@@ -5,6 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from vgg_jax import checkpoint_damage
 from vgg_jax import checkpointing
 from vgg_jax import sharding
 from vgg_jax import steps
@@ -82,7 +83,7 @@ def test_error_summary_is_the_innermost_cause_on_one_line():
     except OSError as inner:
       raise ValueError('outer') from inner
   except ValueError as e:
-    summary = checkpointing.error_summary(e)
+    summary = checkpoint_damage.error_summary(e)
   assert '\n' not in summary and len(summary) < 800
   assert summary.startswith('Failed writing "a/b":')
   assert summary.endswith('File too large [os_error_code=27]')

@@ -13,9 +13,9 @@ Saves are asynchronous; a save is only visible once complete, so a run that
 dies mid-save leaves the previous checkpoint intact.
 
 A checkpoint damaged afterwards (a truncated or deleted array file, missing
-or unparsable metadata) is found by `find_damage` from the files and
-TensorStore's OCDBT index alone, without reading the arrays, and reported as
-a `DamagedCheckpointError` naming the step and the file.
+or unparsable metadata) is found by `find_damage` (``checkpoint_damage``)
+before anything is restored, and reported as a `DamagedCheckpointError`
+naming the step and the file.
 
 Loading a model from a workdir for inference, or layers from one into a new
 run (``train.init_from``), is ``vgg_jax.weights``' job.
@@ -32,11 +32,11 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-import tensorstore as ts
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from vgg_jax import checkpoint_damage
 from vgg_jax import models
 from vgg_jax import paths
 
@@ -249,16 +249,7 @@ def read_state(workdir: str, step: int) -> dict[str, Any]:
     # TensorStore raises ValueError, OSError or a plain Exception.
     raise DamagedCheckpointError(
         f'Checkpoint {step} in {where.parent.parent} could not be read: '
-        f'{error_summary(e)}') from e
-
-
-def error_summary(error: BaseException) -> str:
-  """The innermost cause of ``error`` on one line; if long, start and end."""
-  # TensorStore nests causes and ends with the OS's reason (File too large).
-  while error.__cause__ is not None:
-    error = error.__cause__
-  text = ' '.join(str(error).split()) or type(error).__name__
-  return text if len(text) <= 700 else f'{text[:250]} ... {text[-400:]}'
+        f'{checkpoint_damage.error_summary(e)}') from e
 
 
 class _OrbaxErrorsOnOneLine(std_logging.Filter):
@@ -270,7 +261,7 @@ class _OrbaxErrorsOnOneLine(std_logging.Filter):
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     if record.exc_info and '/orbax/' in record.pathname.replace('\\', '/'):
-      record.msg = f'{record.getMessage()}: {error_summary(record.exc_info[1])}'
+      record.msg = f'{record.getMessage()}: {checkpoint_damage.error_summary(record.exc_info[1])}'
       record.args, record.exc_info, record.exc_text = (), None, None
     return True
 
@@ -288,19 +279,15 @@ def steps_on_disk(workdir: str) -> list[int]:
 def find_damage(workdir: str, step: int) -> str | None:
   """What is wrong with one checkpoint's files, or None if nothing is.
 
-  Reads the JSON files and TensorStore's OCDBT index, not the arrays: every
-  file the index refers to must exist and hold the bytes it places there.
-
   Args:
     workdir: the run's workdir.
     step: a checkpoint step.
 
   Returns:
     ``'<file, relative to the checkpoint>: <what is wrong>'`` for the first
-    damaged file found, or None.
+    damaged file found (``checkpoint_damage.find``), or None.
   """
-  root = _checkpoint_dir(workdir) / str(step)
-  return _damaged_json(root) or _damaged_arrays(root / 'state')
+  return checkpoint_damage.find(_checkpoint_dir(workdir) / str(step))
 
 
 def _check_intact(workdir: str, step: int) -> None:
@@ -311,84 +298,6 @@ def _check_intact(workdir: str, step: int) -> None:
     raise DamagedCheckpointError(
         f'Checkpoint {step} in {_checkpoint_dir(workdir)} is damaged: '
         f'{damage}. Other checkpoints there: {others or "none"}.')
-
-
-# JSON files a checkpoint must have, and those it may have, relative to it.
-_REQUIRED_JSON = ('meta/metadata', 'state/_METADATA')
-_OPTIONAL_JSON = ('_CHECKPOINT_METADATA', 'metrics/metrics')
-
-
-def _damaged_json(root: epath.Path) -> str | None:
-  # Besides the metadata: the Grain iterator state of each process.
-  iterators = sorted(f'data/{p.name}' for p in (root / 'data').glob('*.json'))
-  for name in (*_REQUIRED_JSON, *iterators, *_OPTIONAL_JSON):
-    path = root / name
-    if not path.exists():
-      if name not in _OPTIONAL_JSON:
-        return f'{name}: missing'
-      continue
-    try:
-      json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-      return f'{name}: unparsable ({e})'
-  return None
-
-
-def _damaged_arrays(state: epath.Path) -> str | None:
-  """Walks the OCDBT B-tree of ``state``, checking every file it refers to."""
-  if not (state / 'manifest.ocdbt').exists():
-    return None  # not OCDBT (older Orbax layouts): restoring checks it
-  try:
-    kvstore = ts.KvStore.open(
-        {'driver': 'file', 'path': str(state) + '/'}).result()
-    versions = ts.ocdbt.dump(kvstore).result()['versions']
-  except Exception as e:  # pylint: disable=broad-except
-    return f'state/manifest.ocdbt: unreadable ({error_summary(e)})'
-  nodes = [versions[-1]['root'].get('location')] if versions else []
-  data_ends: dict[str, int] = {}  # array data file -> the end of its data
-  while nodes:
-    location = nodes.pop()
-    if not location:  # an empty tree
-      continue
-    name, end = _located(location)
-    damage = _damaged_file(state, name, end)
-    if damage:
-      return damage
-    try:
-      entries = ts.ocdbt.dump(kvstore, location).result()['entries']
-    except Exception as e:  # pylint: disable=broad-except
-      return f'state/{name}: unreadable ({error_summary(e)})'
-    for value in (v for entry in entries for v in entry.values()):
-      if isinstance(value, str) and value.startswith('btreenode:'):
-        nodes.append(value)
-      elif isinstance(value, str) and value.startswith('value:'):
-        name, end = _located(value)
-        data_ends[name] = max(end, data_ends.get(name, 0))
-  for name, end in sorted(data_ends.items()):
-    damage = _damaged_file(state, name, end)
-    if damage:
-      return damage
-  return None
-
-
-def _located(location: str) -> tuple[str, int]:
-  """``'value:ocdbt.process_0/:d/ab12:504668:9781'`` -> (file, end byte)."""
-  # OCDBT locations are kind:base_path:relative_path:offset:length.
-  _, rest = location.split(':', 1)
-  path, offset, length = rest.rsplit(':', 2)
-  base, relative = path.split(':', 1)
-  return base + relative, int(offset) + int(length)
-
-
-def _damaged_file(state: epath.Path, name: str, end: int) -> str | None:
-  path = state / name
-  if not path.exists():
-    return f'state/{name}: missing'
-  size = path.stat().length
-  if size < end:
-    return (f'state/{name}: {size} bytes, but the checkpoint\'s index puts '
-            f'data up to byte {end} (truncated)')
-  return None
 
 
 def resume_step(workdir: str, manager: ocp.CheckpointManager, *,
@@ -464,6 +373,6 @@ def save_failure(workdir: str, step: int,
   older = [s for s in steps_on_disk(workdir) if s < step]
   return CheckpointSaveError(
       f'Saving checkpoint {step} in {_checkpoint_dir(workdir)} failed: '
-      f'{error_summary(error)}. The newest complete checkpoint is '
+      f'{checkpoint_damage.error_summary(error)}. The newest complete checkpoint is '
       f'{older[0] if older else "none"}; a rerun resumes from it once the '
       'cause (a full disk, a lost peer process...) is fixed.')

@@ -38,6 +38,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vgg_jax import checkpoint_damage
 from vgg_jax import checkpointing
 from vgg_jax import cli
 from vgg_jax import train
@@ -144,7 +145,7 @@ def initialize_distributed(setting: str,
   except Exception as e:  # pylint: disable=broad-except
     # JAX raises its runtime error or a ValueError (a bad address...).
     raise PeerLostError('Could not join the multi-process run: '
-                        f'{checkpointing.error_summary(e)}') from e
+                        f'{checkpoint_damage.error_summary(e)}') from e
   finally:
     missing.cancel()
   return True
@@ -253,7 +254,7 @@ def exit_now(error: BaseException) -> None:
   known = _RUN_ERRORS + cli.USER_ERRORS
   if isinstance(error, jax.errors.JaxRuntimeError):
     error = PeerLostError(
-        f'{checkpointing.error_summary(error)} (a collective with the other '
+        f'{checkpoint_damage.error_summary(error)} (a collective with the other '
         'processes failed; if one of them died, its log says why)')
   elif not isinstance(error, known):
     traceback.print_exception(error)

@@ -30,6 +30,7 @@ from clu import periodic_actions
 from flax import traverse_util
 
 from vgg_jax import architectures
+from vgg_jax import checkpoint_damage
 from vgg_jax import checkpointing
 from vgg_jax import finetune
 from vgg_jax import input_pipeline
@@ -204,7 +205,7 @@ class Trainer:
       # cause may apply to every checkpoint; one line naming it.
       raise checkpointing.DamagedCheckpointError(
           f'Checkpoint {step} in {self.manager.directory} could not be '
-          f'restored: {checkpointing.error_summary(e)}') from e
+          f'restored: {checkpoint_damage.error_summary(e)}') from e
     self.state = restored['state']
     self.plateau.load_state_dict(meta['plateau'])
     self.last_val = meta.get('val') or {}
@@ -410,7 +411,7 @@ class Trainer:
     except Exception as e:  # pylint: disable=broad-except
       if not quiet:
         raise
-      logging.error('While stopping: %s', checkpointing.error_summary(e))
+      logging.error('While stopping: %s', checkpoint_damage.error_summary(e))
     finally:
       self.writer.close()
 
