@@ -565,7 +565,7 @@ def test_keras_include_top_false_block5_match(tmp_path):
   # The head is random: any head options may change, e.g. a 1x1 FC-6 so
   # that a 64-pixel image is large enough.
   model, _ = pretrained.load_pretrained(out, fc6_kernel=1, num_classes=5)
-  got = model.features(preprocessing.normalize(imgs, 'caffe_bgr'))['block5']
+  got = model.features(preprocessing.normalize(imgs, 'caffe_bgr'))['pool5']
   assert got.shape == (2, 2, 2, 512)
   assert_close(got, want, rtol=1e-4)
 
@@ -575,5 +575,5 @@ def test_keras_include_top_false_block5_match(tmp_path):
   model, meta = pretrained.load_pretrained(out, fc6_kernel=1)
   assert meta['normalization'] == 'mean_rgb' and meta['channel_order'] == 'RGB'
   x = preprocessing.normalize(imgs, 'mean_rgb', mean_rgb=meta['mean_rgb'])
-  assert_close(model.features(x)['block5'], want, rtol=1e-4)
+  assert_close(model.features(x)['pool5'], want, rtol=1e-4)
   assert json.loads((out / 'metadata.json').read_text())['source'] == 'keras'

@@ -171,10 +171,10 @@ def test_named_layers_agree_with_the_summary_and_each_other(vgg11_lrn_bn):
   got = model.features(x, names[::-1])  # any order; returned as requested
   assert list(got) == names[::-1]
   summary = model.features(x)
-  for b in range(1, 6):
-    np.testing.assert_array_equal(got[f'pool{b}'], summary[f'block{b}'])
-  np.testing.assert_array_equal(got['relu6'], summary['fc6'])
-  np.testing.assert_array_equal(got['relu7'], summary['fc7'])
+  assert set(summary) == {'pool1', 'pool2', 'pool3', 'pool4', 'pool5',
+                          'relu6', 'relu7', 'scores'}
+  for name in ('pool1', 'pool2', 'pool3', 'pool4', 'pool5', 'relu6', 'relu7'):
+    np.testing.assert_array_equal(got[name], summary[name])
   np.testing.assert_array_equal(got['fc8'], summary['scores'])
   np.testing.assert_allclose(got['fc6'], model.fc6(got['pool5']), rtol=1e-6)
   np.testing.assert_array_equal(got['relu6'], jnp.maximum(got['fc6'], 0))

@@ -212,9 +212,9 @@ def test_feature_extraction_shapes():
   widths = [8, 16, 32, 64, 64]
   for b, w in enumerate(widths):
     s = 2 ** (b + 1)
-    assert feats[f'block{b + 1}'].shape == (3, 64 // s, 96 // s, w)
-  assert feats['fc6'].shape == (3, 2, 3, 512)
-  assert feats['fc7'].shape == (3, 2, 3, 512)
+    assert feats[f'pool{b + 1}'].shape == (3, 64 // s, 96 // s, w)
+  assert feats['relu6'].shape == (3, 2, 3, 512)
+  assert feats['relu7'].shape == (3, 2, 3, 512)
   assert feats['scores'].shape == (3, 2, 3, 7)
 
 

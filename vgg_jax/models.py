@@ -25,7 +25,7 @@ Example::
     model.eval()                                   # no dropout, BN running stats
     logits = model(images)                         # (N, 1000)
     scores = model.score_map(images)               # (N, h, w, 1000)
-    feats = model.features(images)                 # {'block1': ..., 'fc7': ...}
+    feats = model.features(images)                 # {'pool1': ..., 'relu7': ...}
     named = model.features(images, ['relu2_2', 'pool5'])  # see vgg_jax.layers
 """
 
@@ -222,12 +222,12 @@ class VGG(nnx.Module):
 
     Returns:
       With ``layers``: exactly the requested activations by name, in the
-      compute dtype, ``(N, h, w, channels)`` each. Without: ``block1`` ..
-      ``block5``: each block's pooled output (``pool1`` .. ``pool5``, not
-      masked); ``fc6`` and ``fc7``: the head's post-ReLU activations (before
-      dropout; the layers ``relu6`` and ``relu7``) as maps ``(N, h, w,
-      4096)``, which are 1x1 on a training-size crop (``fc7[:, 0, 0]`` is the
-      classic 4096-d VGG feature); ``scores``: the class score map ``(N, h,
+      compute dtype, ``(N, h, w, channels)`` each. Without: ``pool1`` ..
+      ``pool5``: each block's pooled output (not masked); ``relu6`` and
+      ``relu7``: the head's post-ReLU activations (before dropout) as maps
+      ``(N, h, w, 4096)``, which are 1x1 on a training-size crop
+      (``relu7[:, 0, 0]`` is the classic 4096-d VGG feature); the same
+      names as with ``layers``; ``scores``: the class score map ``(N, h,
       w, num_classes)`` in float32; with ``valid_size`` also ``score_mask``
       ``(N, h, w)``, True where FC-6's window lies inside the image
       (``scores`` is zero elsewhere).
@@ -289,13 +289,11 @@ class VGG(nnx.Module):
 
   def _summary(self, steps: Iterator[tuple[str, jax.Array]],
                valid_size: jax.Array | None) -> dict[str, jax.Array]:
-    """``features``' dict without ``layers``: blocks, fc6, fc7, scores."""
+    """``features``' dict without ``layers``: pools, relu6, relu7, scores."""
     out = {}
     for name, value in steps:
-      if name.startswith('pool'):
-        out['block' + name[len('pool'):]] = value
-      elif name in ('relu6', 'relu7'):
-        out['fc' + name[len('relu'):]] = value
+      if name.startswith('pool') or name in ('relu6', 'relu7'):
+        out[name] = value
       elif name == 'fc8':
         scores = value.astype(jnp.float32)
     if valid_size is not None:

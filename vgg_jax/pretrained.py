@@ -22,7 +22,7 @@ A *pretrained dir* holds a VGG's weights without any training state::
 
 ``include_top: false`` dirs hold the conv trunk only (``blocks``); a model
 loaded from one has a randomly initialised head (FC-6..FC-8), so only its
-``features(x)['block1'..'block5']`` are meaningful.
+``features(x)['pool1'..'pool5']`` (and trunk layers) are meaningful.
 
 Example::
 
