@@ -577,3 +577,9 @@ def test_keras_include_top_false_block5_match(tmp_path):
   x = preprocessing.normalize(imgs, 'mean_rgb', mean_rgb=meta['mean_rgb'])
   assert_close(model.features(x)['pool5'], want, rtol=1e-4)
   assert json.loads((out / 'metadata.json').read_text())['source'] == 'keras'
+
+
+def test_no_weight_layout_offers_the_5x5_net():
+  for source in layouts.SUPPORTED_MODELS:
+    with pytest.raises(ValueError, match=f"{source} has no 'vgg13_5x5'"):
+      layouts.check_supported(source, 'vgg13_5x5')

@@ -146,3 +146,13 @@ def test_init_from_shape_mismatch_is_a_clear_error(tiny_config, net_a_run):
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match='holds vgg11'):
     weights.init_from(_abstract_model(tiny_config), tiny_config)
+
+
+def test_init_from_net_a_into_the_5x5_net_is_refused(tiny_config, net_a_run):
+  tiny_config.model.name = 'vgg13_5x5'
+  tiny_config.train.init_from = str(net_a_run)
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"3x3 convs do not fit vgg13_5x5's 5x5 convs.*"
+                           'model.init=glorot'):
+    weights.init_from(_abstract_model(tiny_config), tiny_config)
+

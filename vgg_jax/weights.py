@@ -201,7 +201,7 @@ def init_from(model: models.VGG,
   candidates = _candidate_layers(meta['model']['name'], model,
                                  config.model.name, source, target, where)
   plan = finetune.plan_copy(source, target, candidates,
-                            config.train.get('init_layers', 'matching'))
+                            config.train.init_layers)
   if plan.problems:
     raise CheckpointMismatchError(
         f'init_from {where}: {"; ".join(plan.problems)}. train.init_layers '
@@ -235,6 +235,12 @@ def _candidate_layers(src_name: str, model: models.VGG, dst_name: str,
   src_arch, src_bn = models.parse_name(src_name)
   if src_name == dst_name:
     return finetune.layers_of(target)
+  dst_arch, _ = models.parse_name(dst_name)
+  if src_arch.config == 'A' and dst_arch.config == 'B-5x5':
+    raise CheckpointMismatchError(
+        f'init_from={where!r} holds net A ({src_name}), whose 3x3 convs do '
+        f'not fit {dst_name}\'s 5x5 convs (Sec. 4.1\'s shallow net): start '
+        'it with model.init=glorot, or init_from a run of the same net.')
   if src_arch.config == 'A' and src_bn == model.batch_norm:
     return _conv_layers(src_arch)[:NET_A_CONV_LAYERS] + list(HEAD_LAYERS)
   differ = finetune.describe_differences(source, target)
