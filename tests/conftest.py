@@ -36,6 +36,18 @@ def learnable_images(n, seed):
   return images, labels
 
 
+def smooth_image(width, height, seed=0):
+  """A smooth colour image (JPEG-friendly), values well inside 0-255."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[0:height, 0:width]
+  channels = []
+  for _ in range(3):
+    fx, fy, phase = rng.uniform(0.5, 3, 2).tolist() + [rng.uniform(0, 6)]
+    channels.append(128 + 90 * np.sin(fx * x / width * 6 + fy * y / height * 6
+                                      + phase))
+  return np.stack(channels, -1).round().astype(np.uint8)
+
+
 def _ppid_and_state(pid):
   try:
     with open(f'/proc/{pid}/stat') as f:

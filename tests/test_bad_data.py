@@ -10,6 +10,7 @@ import pytest
 
 from vgg_jax import bad_records
 from vgg_jax import input_pipeline
+from vgg_jax import decoding
 from vgg_jax import preprocessing
 from vgg_jax.configs import base
 from vgg_jax.datasets import testing
@@ -85,12 +86,12 @@ def _undecodable():
 @pytest.mark.parametrize('name', sorted(_decodable()))
 def test_unusual_images_decode_correctly(name):
   data, top_left, bottom_right = _decodable()[name]
-  pixels = np.asarray(preprocessing.decode(data), np.int32)
+  pixels = np.asarray(decoding.decode(data), np.int32)
   assert pixels.ndim == 3 and pixels.shape[2] == 3
   np.testing.assert_allclose(pixels[0, 0], top_left, atol=3)
   np.testing.assert_allclose(pixels[-1, -1], bottom_right, atol=3)
   # ... and go through the training ops.
-  crop = preprocessing.random_crop(preprocessing.decode(data), scale=40,
+  crop = preprocessing.random_crop(decoding.decode(data), scale=40,
                                    crop_size=32, rng=np.random.default_rng(0))
   assert np.asarray(crop).shape == (32, 32, 3)
 
@@ -98,8 +99,8 @@ def test_unusual_images_decode_correctly(name):
 @pytest.mark.parametrize('name', sorted(_undecodable()))
 def test_bad_files_raise_one_clear_error(name):
   data, reason = _undecodable()[name]
-  with pytest.raises(preprocessing.ImageDecodeError, match=reason):
-    preprocessing.decode(data)
+  with pytest.raises(decoding.ImageDecodeError, match=reason):
+    decoding.decode(data)
 
 
 @pytest.fixture(scope='module')

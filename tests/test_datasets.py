@@ -11,7 +11,7 @@ import pytest
 
 from vgg_jax import datasets
 from vgg_jax import input_pipeline
-from vgg_jax import preprocessing
+from vgg_jax import decoding
 from vgg_jax.configs import base
 from vgg_jax.datasets import fashion_mnist
 from vgg_jax.datasets import image_folder
@@ -52,7 +52,7 @@ def test_fashion_mnist_prepares_from_idx_files(tmp_path):
     got = {}
     for i in range(len(source)):
       record = source[i]
-      pixels = np.asarray(preprocessing.decode(record['image']))
+      pixels = np.asarray(decoding.decode(record['image']))
       got[pixels[..., 0].tobytes()] = int(record['label'])
       # Grey becomes three equal channels.
       assert (pixels[..., 0] == pixels[..., 2]).all()

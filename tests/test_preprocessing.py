@@ -1,27 +1,14 @@
 """Host-side image ops and device-side normalisation."""
 
-import io
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
 
+from conftest import smooth_image
 from vgg_jax import preprocessing
 from vgg_jax.datasets import testing
-
-
-def _smooth_image(width, height, seed=0):
-  """A smooth colour image (JPEG-friendly), values well inside 0-255."""
-  rng = np.random.default_rng(seed)
-  y, x = np.mgrid[0:height, 0:width]
-  channels = []
-  for _ in range(3):
-    fx, fy, phase = rng.uniform(0.5, 3, 2).tolist() + [rng.uniform(0, 6)]
-    channels.append(128 + 90 * np.sin(fx * x / width * 6 + fy * y / height * 6
-                                      + phase))
-  return np.stack(channels, -1).round().astype(np.uint8)
 
 
 @pytest.mark.parametrize('size,scale,expected', [
@@ -38,7 +25,7 @@ def test_rescaled_size_sets_smallest_side(size, scale, expected):
 @pytest.mark.parametrize('width,height,scale', [
     (50, 40, 32), (40, 50, 57), (64, 64, 100), (90, 31, 48), (31, 90, 31)])
 def test_crop_rescaled_matches_resize_then_crop(width, height, scale):
-  image = Image.fromarray(_smooth_image(width, height))
+  image = Image.fromarray(smooth_image(width, height))
   full = image.resize(preprocessing.rescaled_size(image.size, scale),
                       Image.Resampling.BILINEAR)
   rng = np.random.default_rng(1)
@@ -143,56 +130,6 @@ def test_pca_color_shift_has_alexnet_covariance():
   np.testing.assert_allclose(np.cov(shifts.T), expected, atol=0.15, rtol=0.05)
   assert np.abs(shifts.mean(0)).max() < 0.1
   assert not preprocessing.pca_color_shift(rng, 0.0).any()
-
-
-def test_decode_grey_palette_alpha_and_16_bit():
-  grey = preprocessing.decode(testing.encode(np.full((4, 5), 77, np.uint8)))
-  assert np.asarray(grey).shape == (4, 5, 3) and (np.asarray(grey) == 77).all()
-  sixteen = io.BytesIO()
-  Image.fromarray(np.full((3, 3), 0xC000, np.uint16)).save(sixteen, 'PNG')
-  assert (np.asarray(preprocessing.decode(sixteen.getvalue())) == 0xC0).all()
-  rgba = np.zeros((4, 4, 4), np.uint8)
-  rgba[..., 0] = 255
-  rgba[:2, ..., 3] = 255  # top half opaque red, bottom transparent
-  out = np.asarray(preprocessing.decode(testing.encode(rgba)))
-  assert (out[:2] == (255, 0, 0)).all() and (out[2:] == 255).all()
-
-
-def test_jpeg_draft_decodes_smaller_but_not_below_min_side():
-  data = testing.encode(_smooth_image(800, 600), 'JPEG', quality=90)
-  full = preprocessing.decode(data)
-  assert full.size == (800, 600)
-  half = preprocessing.decode(data, min_side=256)   # 600 / 2 = 300 >= 256
-  assert half.size == (400, 300)
-  quarter = preprocessing.decode(data, min_side=100)
-  assert quarter.size == (200, 150)
-  assert preprocessing.decode(data, min_side=400).size == (800, 600)
-  # The crop is nearly the same as from the fully decoded image.
-  rng = np.random.default_rng
-  a = np.asarray(preprocessing.random_crop(full, scale=256, crop_size=224,
-                                           rng=rng(0)), np.float64)
-  b = np.asarray(preprocessing.random_crop(half, scale=256, crop_size=224,
-                                           rng=rng(0)), np.float64)
-  assert np.abs(a - b).mean() < 3
-
-
-def test_load_image_path_bytes_and_exif(tmp_path):
-  pixels = np.zeros((10, 20, 3), np.uint8)
-  pixels[:, :10] = 255
-  image = Image.fromarray(pixels)
-  exif = image.getexif()
-  exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
-  path = tmp_path / 'photo.jpg'
-  image.save(path, 'JPEG', exif=exif, quality=95)
-  loaded = preprocessing.load_image(path)
-  assert loaded.shape == (20, 10, 3) and loaded.dtype == np.uint8
-  np.testing.assert_array_equal(preprocessing.load_image(path.read_bytes()),
-                                loaded)
-  (tmp_path / 'notes.jpg').write_text('not an image')
-  with pytest.raises(preprocessing.ImageDecodeError, match='notes.jpg'):
-    preprocessing.load_image(tmp_path / 'notes.jpg')
-  with pytest.raises(FileNotFoundError):
-    preprocessing.load_image(tmp_path / 'missing.png')
 
 
 def test_normalize_modes():

@@ -58,6 +58,7 @@ import numpy as np
 
 from vgg_jax import bad_records
 from vgg_jax import datasets
+from vgg_jax import decoding
 from vgg_jax import preprocessing
 from vgg_jax import workers
 from vgg_jax.datasets import DatasetInfo
@@ -221,14 +222,14 @@ class _TrainExample:
     record = data.source[key]
     try:
       image = self._augment(record[data.info.image_key], rng)
-    except preprocessing.ImageDecodeError as e:
+    except decoding.ImageDecodeError as e:
       return bad_records.SkippedRecord(
           bad_records.record_id(data.info, data.name, key, record), str(e))
     return {'image': image, 'label': data.label(record)}
 
   def _augment(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
     scale = int(rng.integers(self._scale_min, self._scale_max + 1))
-    image = preprocessing.decode(
+    image = decoding.decode(
         data, max_pixels=self._max_pixels,
         min_side=scale if self._draft else None)
     image = preprocessing.random_crop(
@@ -322,7 +323,7 @@ class _EvalExample:
     example['label'] = data.label(record)
     example['index'] = np.int32(key)
     try:
-      image = preprocessing.decode(record[data.info.image_key],
+      image = decoding.decode(record[data.info.image_key],
                                    max_pixels=self._max_pixels)
       if self._mode == 'full':
         pixels, size = preprocessing.rescale_to_canvas(
@@ -333,7 +334,7 @@ class _EvalExample:
         pixels = np.asarray(preprocessing.center_crop(
             image, scale=self._scale, crop_size=self._crop_size,
             interpolation=self._interpolation))
-    except preprocessing.ImageDecodeError as e:
+    except decoding.ImageDecodeError as e:
       # Reported by the consuming process (bad_records.report_unreadable):
       # an unreadable record is named once, not once per stream.
       record_id = bad_records.record_id(data.info, data.name, key, record)

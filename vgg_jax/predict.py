@@ -28,6 +28,7 @@ from PIL import Image
 
 from vgg_jax import cli
 from vgg_jax import eval_plan
+from vgg_jax import decoding
 from vgg_jax import preprocessing
 from vgg_jax import protocols
 from vgg_jax.configs import base
@@ -148,7 +149,7 @@ def predict_files(member: eval_plan.Member, paths: Sequence[str], *,
   out = []
   for path in paths:
     try:
-      image = preprocessing.load_image(path)
+      image = decoding.load_image(path)
     except Exception as e:  # pylint: disable=broad-except
       # One bad file must not stop the rest; the error names the file.
       out.append({'path': path, 'error': f'{type(e).__name__}: {e}'})
