@@ -66,17 +66,6 @@ def test_missing_workdir_flag_is_one_line_and_status_1(capsys):
   assert 'workdir' in _one_line_error(capsys)
 
 
-def test_wants_distributed_reads_the_flag_then_the_environment():
-  assert main.wants_distributed('true', {}) is True
-  assert not main.wants_distributed('false', {'VGG_JAX_COORDINATOR': 'h:1'})
-  assert main.wants_distributed('auto', {}) is False
-  assert main.wants_distributed('auto', {'VGG_JAX_COORDINATOR': 'h:1'})
-  assert main.wants_distributed('auto', {'TPU_WORKER_HOSTNAMES': 'a,b'})
-  assert not main.wants_distributed('auto', {'TPU_WORKER_HOSTNAMES': 'a'})
-  assert main.wants_distributed('auto', {'SLURM_NTASKS': '2'})
-  assert not main.wants_distributed('auto', {'OMPI_COMM_WORLD_SIZE': '1'})
-
-
 def test_helpfull_lists_the_flags():
   out = subprocess.run([sys.executable, '-m', 'vgg_jax.main', '--helpfull'],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -112,27 +101,3 @@ def test_sigterm_saves_a_restorable_checkpoint(tiny_config, tmp_path):
   tiny_config.train.max_steps = step + 2
   summary = train.train_and_evaluate(tiny_config, str(workdir))
   assert summary['step'] == step + 2
-
-
-def test_initialize_distributed_bounds_every_wait(monkeypatch):
-  calls = []
-  monkeypatch.setattr(main.jax.distributed, 'initialize',
-                      lambda **kwargs: calls.append(kwargs))
-  assert not main.initialize_distributed('false', 7.5)
-  monkeypatch.setenv('VGG_JAX_COORDINATOR', 'localhost:1234')
-  monkeypatch.setenv('VGG_JAX_NUM_PROCESSES', '2')
-  monkeypatch.setenv('VGG_JAX_PROCESS_ID', '1')
-  assert main.initialize_distributed('auto', 7.5)
-  # JAX's own limits are the backstop, after the one-line timer and watchdog.
-  assert calls == [dict(coordinator_address='localhost:1234',
-                        num_processes=2, process_id=1,
-                        initialization_timeout=16,
-                        heartbeat_timeout_seconds=16,
-                        shutdown_timeout_seconds=8)]
-
-  def refuse(**kwargs):
-    raise ValueError(f'bad address {kwargs["coordinator_address"]}')
-  monkeypatch.setattr(main.jax.distributed, 'initialize', refuse)
-  with pytest.raises(main.PeerLostError,
-                     match='Could not join .*bad address localhost:1234'):
-    main.initialize_distributed('auto', 7.5)

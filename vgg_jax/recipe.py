@@ -54,8 +54,8 @@ from ml_collections import config_flags
 
 from vgg_jax import architectures
 from vgg_jax import cli
+from vgg_jax import distributed
 from vgg_jax import evaluate
-from vgg_jax import main as main_lib
 from vgg_jax import paths
 from vgg_jax import train
 from vgg_jax.configs import base
@@ -451,7 +451,7 @@ def main(flag_values: flags.FlagValues) -> int:
   """
   logging.set_verbosity(logging.INFO)
   if not flag_values.dry_run:
-    main_lib.initialize_distributed(flag_values.multiprocess)
+    distributed.initialize(flag_values.multiprocess)
   overrides = functools.partial(cli.apply_config_overrides,
                                 flag_values=flag_values)
   run_recipe(flag_values.net, flag_values.root,
