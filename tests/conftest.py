@@ -4,12 +4,30 @@ import importlib.util
 import os
 import pathlib
 import shutil
+import tempfile
+
+# Most tests train or evaluate the same tiny nets, in this process, in the
+# other xdist worker and in subprocesses: one persistent compilation cache
+# for the whole session (set before JAX is imported, and inherited by the
+# workers and subprocesses) compiles each program once instead of per test.
+_OWN_CACHE = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix='vgg_jax_tests_jit_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 import numpy as np
 import pytest
 
 from vgg_jax import train
 from vgg_jax.datasets import testing
+
+
+def pytest_unconfigure(config):
+  del config  # the process that made the cache removes it, once all is done
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

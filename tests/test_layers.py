@@ -245,8 +245,11 @@ def test_named_layers_on_the_masked_canvas(vgg11_lrn_bn):
       if name not in layers.HEAD_ACTIVATIONS:
         assert a.shape[:2] == (h // rows[name]['stride'],
                                w // rows[name]['stride'])
+      # Round-off differs between the canvas and the image alone (other
+      # shapes, other summation orders): tolerances scale with the layer.
       np.testing.assert_allclose(got[name][i][inside].reshape(a.shape), a,
-                                 rtol=1e-4, atol=1e-5, err_msg=name)
+                                 rtol=1e-4, atol=1e-5 * max(1, np.abs(a).max()),
+                                 err_msg=name)
       assert not np.any(np.asarray(got[name][i])[~inside]), name
 
 

@@ -43,6 +43,11 @@ def _conv_widths(name):
           for layer in block if layer != 'LRN']
 
 
+# One compiled program per call site instead of op-by-op dispatch.
+_run = nnx.jit(lambda model, x, **kw: model(x, **kw))
+_score_map = nnx.jit(lambda model, x: model.score_map(x))
+
+
 def tiny(name='vgg11', **kw):
   opts = dict(width_multiplier=1 / 16, num_classes=7, fc6_kernel=1, init='he')
   opts.update(kw)
@@ -124,13 +129,13 @@ def test_score_map_is_the_logits_at_224_and_averaged_at_256():
                               init='he')  # fc6_kernel 7, as for ImageNet
   model.eval()
   x = jax.random.normal(jax.random.key(0), (2, 224, 224, 3))
-  smap = model.score_map(x)
+  smap = _score_map(model, x)
   assert smap.shape == (2, 1, 1, 10)
-  np.testing.assert_allclose(smap[:, 0, 0], model(x), rtol=1e-6)
+  np.testing.assert_allclose(smap[:, 0, 0], _run(model, x), rtol=1e-6)
   x = jax.random.normal(jax.random.key(1), (2, 256, 256, 3))
-  smap = model.score_map(x)
+  smap = _score_map(model, x)
   assert smap.shape == (2, 2, 2, 10)  # floor(256/32) - 6
-  np.testing.assert_allclose(smap.mean(axis=(1, 2)), model(x), rtol=1e-5,
+  np.testing.assert_allclose(smap.mean(axis=(1, 2)), _run(model, x), rtol=1e-5,
                              atol=1e-6)
   assert not np.allclose(smap[:, 0, 0], smap[:, 1, 1])  # really scanned
 
@@ -145,8 +150,8 @@ def test_masked_canvas_equals_unpadded_image():
   for i, (h, w) in enumerate(sizes):
     img = rng.randn(1, h, w, 3).astype(np.float32)
     canvas[i, :h, :w] = img
-    expected.append(model(jnp.asarray(img))[0])
-  got = model(jnp.asarray(canvas), valid_size=jnp.array(sizes))
+    expected.append(_run(model, jnp.asarray(img))[0])
+  got = _run(model, jnp.asarray(canvas), valid_size=jnp.array(sizes))
   np.testing.assert_allclose(got, np.stack(expected), rtol=1e-5, atol=1e-5)
 
 
@@ -180,7 +185,7 @@ def test_lrn_sits_after_first_relu_of_a_lrn():
   nnx.update(plain, nnx.state(model))
   model.eval(); plain.eval()
   x = 50 * jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
-  assert not np.allclose(model(x), plain(x))
+  assert not np.allclose(_run(model, x), _run(plain, x))
 
 
 def test_bf16_compute_matches_fp32():
@@ -191,7 +196,7 @@ def test_bf16_compute_matches_fp32():
   nnx.update(bf16, nnx.state(fp32))
   fp32.eval(); bf16.eval()
   x = jax.random.normal(jax.random.key(0), (4, 64, 64, 3))
-  a, b = fp32(x), bf16(x)
+  a, b = _run(fp32, x), _run(bf16, x)
   assert b.dtype == jnp.float32
   # bf16 keeps 8 mantissa bits; through 13 convs logits agree to a few % of
   # their scale. Tolerance: 5% of the largest logit.

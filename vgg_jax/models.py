@@ -386,9 +386,49 @@ def create_model(name: str, *, rngs: nnx.Rngs | int = 0, **options) -> VGG:
   options = ModelOptions.create(**options).as_dict()
   if isinstance(rngs, int):
     rngs = nnx.Rngs(params=rngs, dropout=rngs + 1)
-  # One compiled initialiser instead of one dispatch per parameter: seconds
-  # instead of tens of seconds on a CPU, same values.
-  return nnx.jit(lambda r: VGG(name, rngs=r, **options))(rngs)
+  # One compiled initialiser instead of one dispatch per parameter (tens of
+  # seconds on a CPU), compiled without LLVM's optimisations: it runs once,
+  # and XLA:CPU spends ~10 s optimising its unrolled Threefry code otherwise
+  # (1.5 s without). The same draws; normal samples may differ from an
+  # optimised build's in the last bit.
+  rngs_def, rngs_state = nnx.split(rngs)
+  init = _Initializer(name, options, rngs_def)
+  # Under a transformation (eval_shape, jit) the initialiser is part of the
+  # outer program, and compiler options are the outer jit's to set.
+  traced = any(isinstance(x, jax.core.Tracer)
+               for x in jax.tree.leaves(rngs_state))
+  model_state, rngs_state = jax.jit(
+      init, compiler_options=None if traced else init_compiler_options())(
+          rngs_state)
+  nnx.update(rngs, rngs_state)
+  return nnx.merge(init.model_def, model_state)
+
+
+def init_compiler_options() -> dict[str, int] | None:
+  """``jax.jit`` compiler options for one-off initialisers (``create_model``).
+
+  On CPUs, no LLVM optimisation; elsewhere (fast to compile) the defaults.
+  """
+  if jax.default_backend() == 'cpu':
+    return {'xla_backend_optimization_level': 0}
+  return None
+
+
+class _Initializer:
+  """``VGG(name, ...)`` as a pure function of the RNG state, for ``jax.jit``.
+
+  Tracing records the model's graph definition (static) in ``model_def``.
+  """
+
+  def __init__(self, name: str, options: dict, rngs_def: nnx.GraphDef):
+    self.name, self.options, self.rngs_def = name, options, rngs_def
+    self.model_def = None
+
+  def __call__(self, rngs_state: nnx.State) -> tuple[nnx.State, nnx.State]:
+    rngs = nnx.merge(self.rngs_def, rngs_state)
+    self.model_def, model_state = nnx.split(
+        VGG(self.name, rngs=rngs, **self.options))
+    return model_state, nnx.state(rngs)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -354,7 +354,8 @@ def _random_head(name: str, options: Mapping[str, Any],
   kernel_init = models.initializer(models.ModelOptions.create(**options).init)
   key = rngs.params() if isinstance(rngs, nnx.Rngs) else jax.random.key(rngs)
 
-  @jax.jit
+  @functools.partial(jax.jit,
+                     compiler_options=models.init_compiler_options())
   def init(key):
     out = {}
     for i, (path, (shape, dtype)) in enumerate(sorted(shapes.items())):
