@@ -97,6 +97,11 @@ def test_report_writes_the_table_and_the_plot(tmp_path):
   text = (tmp_path / 'results.md').read_text()
   assert '3 of 18 cells' in text and '### B vs shallow 5x5' in text
   assert '### C (1x1) vs D (3x3)' not in text  # its cells have not run
+  # The summary: one line for the one claim whose cells ran.
+  summary = [l for l in text.splitlines() if l.startswith('| B vs shallow')]
+  assert len(summary) == 1 and 'B-5x5 13.0 (B + 7); B 10.1 (B)' in summary[0]
+  assert summary[0].endswith('| reproduced at this scale |')
+  assert not any(l.startswith('| C (1x1)') for l in text.splitlines())
   assert (tmp_path / 'study.png').read_bytes()[:4] == b'\x89PNG'
 
 

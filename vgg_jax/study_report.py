@@ -180,6 +180,24 @@ def claim_markdown(claim: Claim, results: dict[str, Any],
   return lines
 
 
+def summary_markdown(results: dict[str, Any], seed_std: float) -> list[str]:
+  """One line per claim: each variant's mean top-1 error, paper's, verdict."""
+  lines = ['| claim (paper) | this study: top-1 error % (paper\'s) | verdict |',
+           '|---|---|---|']
+  for claim in CLAIMS:
+    data = [row_values(results, row) for row in claim.rows]
+    if not all(values for values, _ in data):
+      continue
+    cells = '; '.join(f'{row.label} {statistics.mean(values):.1f} '
+                      f'({row.paper})'
+                      for row, (values, _) in zip(claim.rows, data))
+    outcomes = [verdict(data[a], data[b], relation, seed_std)[0]
+                for a, b, relation in claim.checks]
+    lines.append(f'| {claim.title}: {claim.claim} | {cells} | '
+                 f'{_overall(outcomes)} |')
+  return lines + ['']
+
+
 def write_plot(results: dict[str, Any], path: epath.Path) -> None:
   """One panel per claim: mean top-1 error per variant, seeds as dots."""
   # matplotlib is an optional dependency (the `test` extra): only the plot
@@ -228,6 +246,7 @@ def write_report(results: dict[str, Any], out_dir: epath.Path, *,
            'standard errors (test sampling and seed spread; one-seed rows '
            f'take the pooled seed spread, {seed_std:.2f} points).', '',
            '![study](study.png)', '']
+  lines += summary_markdown(results, seed_std)
   for claim in CLAIMS:
     lines += claim_markdown(claim, results, seed_std)
   out_dir.mkdir(parents=True, exist_ok=True)
