@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from vgg_jax import datasets
-from vgg_jax import input_pipeline
 from vgg_jax import decoding
+from vgg_jax import input_pipeline
 from vgg_jax.configs import base
 from vgg_jax.datasets import fashion_mnist
 from vgg_jax.datasets import image_folder
@@ -85,6 +85,16 @@ def test_fashion_mnist_missing_files_error_says_how_to_get_them(tmp_path):
   assert fashion_mnist.ENV_VAR in message
   assert str(empty) in message
   assert 'train-images-idx3-ubyte' in message
+
+
+def test_imagenet_without_its_archives_is_one_clear_error(tmp_path):
+  (tmp_path / 'manual').mkdir()
+  builder = datasets.get_builder('imagenet2012', data_dir=str(tmp_path / 'tfds'),
+                                 manual_dir=str(tmp_path / 'manual'))
+  with pytest.raises(FileNotFoundError,
+                     match='imagenet2012 needs files downloaded by hand: .*'
+                           'ILSVRC2012_img_train.tar.*manual_dir'):
+    datasets.ensure_prepared(builder, str(tmp_path / 'manual'))
 
 
 def test_fashion_mnist_rejects_a_wrong_idx_file(tmp_path):

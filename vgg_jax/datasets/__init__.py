@@ -173,8 +173,18 @@ def _prepare_locked(builder: tfds.core.DatasetBuilder,
                              image_folder.ImageFolderDataset))
   if manual_dir and not own:
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-  builder.download_and_prepare(file_format=FILE_FORMAT,
-                               download_config=download_config)
+  try:
+    builder.download_and_prepare(file_format=FILE_FORMAT,
+                                 download_config=download_config)
+  except AssertionError as e:
+    # TFDS asserts when a manual-download dataset (ImageNet) lacks its files.
+    if 'manual' not in str(e).lower():
+      raise
+    raise FileNotFoundError(
+        f'{builder.name} needs files downloaded by hand: '
+        f'{" ".join(str(e).split())} Pass their directory as '
+        '--config.data.manual_dir (python -m vgg_jax.datasets.prepare '
+        '--manual_dir for preparing alone).') from None
 
 
 @contextlib.contextmanager
