@@ -130,6 +130,24 @@ def make_tiny_config(fashion_idx_dir, tfds_dir):
   return config
 
 
+# Fields of ``make_tiny_config`` that differ from configs/quickstart.py (for
+# passing the tiny config to a command line or a config file).
+TINY_FIELDS = ('data.manual_dir', 'data.data_dir', 'data.num_workers',
+               'model.name', 'model.width_multiplier', 'train.batch_size',
+               'train.eval_batch_size', 'train.max_steps',
+               'train.log_every_steps', 'train.eval_every_steps',
+               'train.checkpoint_every_steps', 'train.learning_rate')
+
+
+def one_error_line(capsys):
+  """The one line a command wrote to stderr (no traceback), for user errors."""
+  err = capsys.readouterr().err
+  assert 'Traceback (most recent call last)' not in err, err
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert len(lines) == 1, err
+  return lines[0]
+
+
 @pytest.fixture
 def tiny_config(fashion_idx_dir, tfds_dir):
   """The quickstart config shrunk to seconds: 1/16 width, batch 16."""

@@ -21,6 +21,8 @@ import pytest
 from PIL import Image
 
 from conftest import make_tiny_config
+from conftest import one_error_line
+from conftest import TINY_FIELDS
 
 from vgg_jax import checkpointing
 from vgg_jax import cli
@@ -31,12 +33,6 @@ from vgg_jax import train
 from vgg_jax import weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Fields of the tiny config that differ from configs/quickstart.py.
-_TINY_FIELDS = ('data.manual_dir', 'data.data_dir', 'data.num_workers',
-                'model.name', 'model.width_multiplier', 'train.batch_size',
-                'train.eval_batch_size', 'train.max_steps',
-                'train.log_every_steps', 'train.eval_every_steps',
-                'train.checkpoint_every_steps', 'train.learning_rate')
 # A config file for subprocesses: quickstart with the fields in FIELDS set.
 _CONFIG_FILE = '''
 import importlib.util
@@ -65,7 +61,7 @@ def config_file(path, config, **fields):
   ``fields`` name config fields with ``__`` for dots (``train__max_steps``).
   """
   values = {}
-  for key in _TINY_FIELDS:
+  for key in TINY_FIELDS:
     section, leaf = key.split('.')
     values[key] = config[section][leaf]
   values.update({k.replace('__', '.'): v for k, v in fields.items()})
@@ -207,27 +203,19 @@ def test_another_models_checkpoint_stays_an_error(tiny_config, run_copy):
   assert not (run_copy / checkpointing.DAMAGED_DIR).exists()
 
 
-def _one_error_line(capsys):
-  err = capsys.readouterr().err
-  assert _tracebacks(err) == 0, err
-  lines = [l for l in err.splitlines() if l.strip()]
-  assert len(lines) == 1, err
-  return lines[0]
-
-
 def test_evaluate_predict_and_init_from_name_the_bad_file(
     tiny_config, run_copy, tmp_path, capsys):
   name = _damage(run_copy, 4, 'truncated array')
   status = cli.call(evaluate.define_flags, evaluate.main,
                     [f'--workdir={run_copy}', '--protocol=center_crop'])
-  line = _one_error_line(capsys)
+  line = one_error_line(capsys)
   assert status == 1 and 'Checkpoint 4' in line and name in line, line
   assert 'Other checkpoints there: [2]' in line
   image = tmp_path / 'image.png'
   Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
   status = cli.call(predict.define_flags, predict.main,
                     [f'--workdir={run_copy}', str(image)], positional=True)
-  line = _one_error_line(capsys)
+  line = one_error_line(capsys)
   assert status == 1 and name in line, line
   # The data behind the other arrays is fine: an older step still loads.
   assert weights.load_variables(str(run_copy), 2)[2]['step'] == 2
@@ -235,7 +223,7 @@ def test_evaluate_predict_and_init_from_name_the_bad_file(
           f'--workdir={tmp_path / "new"}',
           f'--config.train.init_from={run_copy}']
   status = cli.call(main.define_flags, main.main, args)
-  line = _one_error_line(capsys)
+  line = one_error_line(capsys)
   assert status == 1 and name in line, line
 
 
@@ -251,7 +239,7 @@ def _main(config_path, workdir, *args):
 
 
 @pytest.mark.slow
-def test_a_non_finite_loss_is_one_error_line(tiny_config, tmp_path):
+def test_a_non_finite_loss_isone_error_line(tiny_config, tmp_path):
   config_path = config_file(tmp_path / 'tiny.py', tiny_config,
                              train__learning_rate=1e12,
                              train__log_every_steps=1, data__num_workers=2)
@@ -263,14 +251,14 @@ def test_a_non_finite_loss_is_one_error_line(tiny_config, tmp_path):
   assert lines[0].startswith('vgg_jax.main: error: Non-finite training loss')
 
 
-def test_a_damaged_checkpoint_under_strict_resume_is_one_error_line(
+def test_a_damaged_checkpoint_under_strict_resume_isone_error_line(
     tiny_config, run_copy, tmp_path, capsys):
   name = _damage(run_copy, 4, 'unparsable metadata')
   config_path = config_file(tmp_path / 'tiny.py', tiny_config,
                              train__strict_resume=True)
   status = cli.call(main.define_flags, main.main,
                     [f'--config={config_path}', f'--workdir={run_copy}'])
-  line = _one_error_line(capsys)
+  line = one_error_line(capsys)
   assert status == 1 and name in line and 'strict_resume' in line, line
 
 

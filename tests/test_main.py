@@ -8,24 +8,20 @@ import time
 
 import pytest
 
+from conftest import one_error_line
+from conftest import TINY_FIELDS
+
 from vgg_jax import checkpointing
 from vgg_jax import cli
 from vgg_jax import main
 from vgg_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# The tiny config's fields that differ from configs/quickstart.py.
-_TINY_FIELDS = ('data.manual_dir', 'data.data_dir', 'data.num_workers',
-                'model.name', 'model.width_multiplier', 'train.batch_size',
-                'train.eval_batch_size', 'train.max_steps',
-                'train.log_every_steps', 'train.eval_every_steps',
-                'train.checkpoint_every_steps', 'train.learning_rate')
-
 
 def _args(config, workdir, extra=()):
   """main's arguments: the quickstart config with the tiny config's fields."""
   args = [f'--config={REPO}/configs/quickstart.py', f'--workdir={workdir}']
-  for key in _TINY_FIELDS:
+  for key in TINY_FIELDS:
     node = config
     for part in key.split('.'):
       node = node[part]
@@ -33,20 +29,12 @@ def _args(config, workdir, extra=()):
   return args + list(extra)
 
 
-def _one_line_error(capsys) -> str:
-  err = capsys.readouterr().err
-  assert 'Traceback' not in err, err
-  lines = [l for l in err.splitlines() if l.strip()]
-  assert len(lines) == 1, err
-  return lines[0]
-
-
 def test_bad_model_name_is_one_line_and_status_1(tiny_config, tmp_path,
                                                   capsys):
   status = cli.call(main.define_flags, main.main, _args(
       tiny_config, tmp_path / 'run', ['--config.model.name=vgg99']))
   assert status == 1
-  line = _one_line_error(capsys)
+  line = one_error_line(capsys)
   assert ': error: ' in line and "Unknown model name 'vgg99'" in line
 
 
@@ -55,7 +43,7 @@ def test_checkpoint_mismatch_is_one_line_and_status_1(tiny_config,
   status = cli.call(main.define_flags, main.main, _args(
       tiny_config, net_a_copy, ['--config.model.width_multiplier=0.125']))
   assert status == 1
-  line = _one_line_error(capsys)
+  line = one_error_line(capsys)
   assert 'width_multiplier: checkpoint 0.0625 vs config 0.125' in line
 
 
@@ -63,7 +51,7 @@ def test_missing_workdir_flag_is_one_line_and_status_1(capsys):
   status = cli.call(main.define_flags, main.main,
                     [f'--config={REPO}/configs/quickstart.py'])
   assert status == 1
-  assert 'workdir' in _one_line_error(capsys)
+  assert 'workdir' in one_error_line(capsys)
 
 
 def test_helpfull_lists_the_flags():
