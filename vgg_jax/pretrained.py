@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import re
 from typing import Any, Mapping
 
@@ -354,8 +355,10 @@ def _random_head(name: str, options: Mapping[str, Any],
   kernel_init = models.initializer(models.ModelOptions.create(**options).init)
   key = rngs.params() if isinstance(rngs, nnx.Rngs) else jax.random.key(rngs)
 
+  size = sum(math.prod(shape) for shape, _ in shapes.values())
+
   @functools.partial(jax.jit,
-                     compiler_options=models.init_compiler_options())
+                     compiler_options=models.init_compiler_options(size))
   def init(key):
     out = {}
     for i, (path, (shape, dtype)) in enumerate(sorted(shapes.items())):
