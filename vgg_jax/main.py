@@ -20,7 +20,6 @@ crashed or hung), instead of waiting in a collective for ever. The workdir
 then resumes from its latest checkpoint when all processes are restarted.
 """
 
-import os
 import platform
 import sys
 
