@@ -98,19 +98,9 @@ def bench(freeze: str, args: argparse.Namespace) -> dict[str, Any]:
   mesh = sharding.create_mesh()
   setup, state = steps.create_train_state(config, mesh)
   trainable, _ = finetune.split_trainable(state.params, setup.trainable)
-  rng = np.random.default_rng(0)
-  size = (args.batch_size, args.image_size, args.image_size, 3)
-  batch = jax.device_put(dict(
-      image=rng.integers(0, 256, size, dtype=np.uint8),
-      label=rng.integers(0, config.model.num_classes, args.batch_size,
-                         dtype=np.int32)), sharding.batch_sharding(mesh))
-  lr = np.float32(config.train.learning_rate)
-  t0 = time.perf_counter()
-  compiled = steps.jit_train_step(setup, config).lower(state, batch,
-                                                       lr).compile()
-  compile_s = time.perf_counter() - t0
-  runner = train_step._StepRunner(  # pylint: disable=protected-access
-      compiled, state, batch, lr, f'{args.model} freeze={freeze}')
+  runner, compile_s = train_step.compiled_step(
+      setup, state, config, mesh, f'{args.model} freeze={freeze}',
+      args.image_size, seed=0)
   times = train_step.time_steps(runner, args.warmup, args.steps)
   return dict(freeze=freeze, compile_s=compile_s, step_s=statistics.median(
       times), trainable=sum(int(np.prod(x.shape))

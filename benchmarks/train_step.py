@@ -231,19 +231,8 @@ def bench_jax(name: str, args: argparse.Namespace) -> dict[str, Any]:
   num_params = sum(int(np.prod(x.shape))
                    for x in jax.tree.leaves(state.params))
 
-  rng = np.random.default_rng(args.seed)
-  size = (args.batch_size, args.image_size, args.image_size, 3)
-  batch = jax.device_put(dict(
-      image=rng.integers(0, 256, size, dtype=np.uint8),
-      label=rng.integers(0, config.model.num_classes, args.batch_size,
-                         dtype=np.int32)), sharding.batch_sharding(mesh))
-  lr = np.float32(config.train.learning_rate)
-
-  t0 = time.perf_counter()
-  compiled = steps.jit_train_step(setup, config).lower(state, batch,
-                                                       lr).compile()
-  compile_s = time.perf_counter() - t0
-  runner = _StepRunner(compiled, state, batch, lr, name)
+  runner, compile_s = compiled_step(setup, state, config, mesh, name,
+                                    args.image_size, args.seed)
   times = time_steps(runner, args.warmup, args.steps)
   macs = models.count_macs(name, args.image_size,
                            width_multiplier=args.width_multiplier,
@@ -252,10 +241,44 @@ def bench_jax(name: str, args: argparse.Namespace) -> dict[str, Any]:
   return dict(framework=f'vgg_jax (JAX {jax.__version__})', model=name,
               dtype=args.dtype, params=num_params, compile_s=compile_s,
               times=times, macs=macs, load=load_average(),
-              xla_flops_per_step=xla_flops(compiled), batch=args.batch_size)
+              xla_flops_per_step=xla_flops(runner.compiled),
+              batch=args.batch_size)
 
 
-class _StepRunner:
+def compiled_step(setup: steps.TrainSetup, state: steps.TrainState,
+                  config, mesh, name: str, image_size: int, seed: int
+                  ) -> tuple['StepRunner', float]:
+  """The compiled train step on a synthetic uint8 batch on the devices.
+
+  Args:
+    setup: ``steps.create_train_state``'s setup.
+    state: its state (donated to the steps).
+    config: the run config (``train.batch_size``, ``model.num_classes``,
+      ``train.learning_rate``).
+    mesh: the device mesh.
+    name: what the runner names in errors.
+    image_size: the batch's image side.
+    seed: the batch's random seed.
+
+  Returns:
+    ``(runner, compile seconds)``.
+  """
+  batch_size = config.train.batch_size
+  rng = np.random.default_rng(seed)
+  batch = jax.device_put(dict(
+      image=rng.integers(0, 256, (batch_size, image_size, image_size, 3),
+                         dtype=np.uint8),
+      label=rng.integers(0, config.model.num_classes, batch_size,
+                         dtype=np.int32)), sharding.batch_sharding(mesh))
+  lr = np.float32(config.train.learning_rate)
+  t0 = time.perf_counter()
+  compiled = steps.jit_train_step(setup, config).lower(state, batch,
+                                                       lr).compile()
+  compile_s = time.perf_counter() - t0
+  return StepRunner(compiled, state, batch, lr, name), compile_s
+
+
+class StepRunner:
   """One blocking training step per call, the (donated) state carried over."""
 
   def __init__(self, compiled, state: steps.TrainState, batch, lr, name: str):

@@ -148,6 +148,18 @@ def one_error_line(capsys):
   return lines[0]
 
 
+def train_straight_and_split(config, root, steps, split):
+  """Trains ``steps`` steps in one run (``root/straight``) and in two
+  (``root/split``, stopped after ``split`` and resumed); returns the
+  resumed run's summary."""
+  config.train.max_steps = steps
+  train.train_and_evaluate(config, str(root / 'straight'))
+  config.train.max_steps = split
+  train.train_and_evaluate(config, str(root / 'split'))
+  config.train.max_steps = steps
+  return train.train_and_evaluate(config, str(root / 'split'))
+
+
 @pytest.fixture
 def tiny_config(fashion_idx_dir, tfds_dir):
   """The quickstart config shrunk to seconds: 1/16 width, batch 16."""

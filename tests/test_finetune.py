@@ -15,6 +15,7 @@ from flax import nnx
 from conftest import load_config
 from conftest import make_tiny_config
 from conftest import REPO
+from conftest import train_straight_and_split
 from vgg_jax import checkpointing
 from vgg_jax import finetune
 from vgg_jax import models
@@ -410,12 +411,7 @@ def test_finetune_run_freezes_resumes_exactly_and_records_the_input(
   tiny_config.train.init_from = path
   tiny_config.train.freeze = 'trunk'
   tiny_config.train.new_layers_lr_mult = 10.0
-  tiny_config.train.max_steps = 4
-  train.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
-  tiny_config.train.max_steps = 2
-  train.train_and_evaluate(tiny_config, str(tmp_path / 'split'))
-  tiny_config.train.max_steps = 4
-  summary = train.train_and_evaluate(tiny_config, str(tmp_path / 'split'))
+  summary = train_straight_and_split(tiny_config, tmp_path, 4, 2)
   assert summary['step'] == 4
   a, b = _run_params(tmp_path / 'straight'), _run_params(tmp_path / 'split')
   for k, v in a.items():

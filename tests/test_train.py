@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import train_straight_and_split
+
 from vgg_jax import checkpointing
 from vgg_jax import metrics
 from vgg_jax import sharding
@@ -146,12 +148,7 @@ def test_end_to_end_writes_metrics_and_checkpoints(tiny_config, tmp_path,
 
 
 def test_resume_is_exact(tiny_config, tmp_path):
-  tiny_config.train.max_steps = 6
-  train.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
-  tiny_config.train.max_steps = 3
-  train.train_and_evaluate(tiny_config, str(tmp_path / 'split'))
-  tiny_config.train.max_steps = 6
-  summary = train.train_and_evaluate(tiny_config, str(tmp_path / 'split'))
+  summary = train_straight_and_split(tiny_config, tmp_path, 6, 3)
   assert summary['step'] == 6
   a, b = _params(tmp_path / 'straight'), _params(tmp_path / 'split')
   jax.tree.map(np.testing.assert_array_equal, a, b)

@@ -18,7 +18,6 @@ in memory (the paper's datasets have at most tens of thousands of images).
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any, Mapping
 
@@ -312,8 +311,7 @@ def main(flag_values: flags.FlagValues) -> int:
         f'top-1 {100 * result["top1"]:.2f}%  top-5 '
         f'{100 * result["top5"]:.2f}%  on {result["num_examples"]} test')
   if flag_values.json:
-    with paths.replaced_atomically(flag_values.json, overwrite=True) as tmp:
-      tmp.write_text(json.dumps(result, indent=2))
+    paths.write_json(flag_values.json, result, indent=2)
   return 0
 
 

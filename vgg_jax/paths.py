@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
-from typing import Iterator
+from typing import Any, Iterator
 
 from etils import epath
 
@@ -53,6 +54,24 @@ def replaced_atomically(target: str | os.PathLike, *, overwrite: bool = False
   finally:
     if tmp.exists():
       _remove(tmp)
+
+
+def write_json(target: str | os.PathLike, data: Any, **dump_options) -> None:
+  """Writes ``data`` as JSON to ``target``, replacing it whole.
+
+  Args:
+    target: the file.
+    data: JSON-serialisable data.
+    **dump_options: ``json.dumps`` options (``indent``, ``sort_keys``).
+  """
+  with replaced_atomically(target, overwrite=True) as tmp:
+    tmp.write_text(json.dumps(data, **dump_options))
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+  """The JSON in ``path``, or ``default`` when there is no such file."""
+  path = absolute(path)
+  return json.loads(path.read_text()) if path.exists() else default
 
 
 def _remove(path: epath.Path) -> None:

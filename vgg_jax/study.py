@@ -38,7 +38,6 @@ are read from the centre crop (docs/paper.md, Sec. 3).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from typing import Any, Sequence
@@ -220,13 +219,7 @@ def evaluate_cell(cell: Cell, workdir: epath.Path, budget: Budget
 
 
 def read_results(out_dir: epath.Path) -> dict[str, Any]:
-  path = out_dir / RESULTS_JSON
-  return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _write_json(path: epath.Path, data: Any) -> None:
-  with paths.replaced_atomically(path, overwrite=True) as tmp:
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+  return paths.read_json(out_dir / RESULTS_JSON, default={})
 
 
 def run_cell(cell: Cell, config: ml_collections.ConfigDict,
@@ -305,7 +298,7 @@ def run_study(out_dir: str, workdir_root: str, *, budget: str = 'full',
       print(f'{cell.name} was stopped; rerun the same command to continue.')
       return results
     results[cell.name] = {'budget': budget, **record}
-    _write_json(out / RESULTS_JSON, results)
+    paths.write_json(out / RESULTS_JSON, results, indent=1, sort_keys=True)
   study_report.write_report(results, out, num_cells=len(cells()))
   return results
 

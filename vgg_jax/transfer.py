@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import sys
 import time
 from typing import Any
@@ -155,8 +154,7 @@ def probe_run(budget: Budget, workdir_root: epath.Path) -> dict[str, Any]:
 
 
 def read_results(out_dir: epath.Path) -> dict[str, Any]:
-  path = out_dir / RESULTS_JSON
-  return json.loads(path.read_text()) if path.exists() else {}
+  return paths.read_json(out_dir / RESULTS_JSON, default={})
 
 
 def run_transfer(base_config: ml_collections.ConfigDict, out_dir: str,
@@ -196,8 +194,7 @@ def run_transfer(base_config: ml_collections.ConfigDict, out_dir: str,
       print(f'{name} was stopped; rerun the same command to continue.')
       return results
     results[name] = record
-    with paths.replaced_atomically(out / RESULTS_JSON, overwrite=True) as tmp:
-      tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+    paths.write_json(out / RESULTS_JSON, results, indent=1, sort_keys=True)
   (out / 'results.md').write_text(report(results))
   return results
 
