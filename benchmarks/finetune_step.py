@@ -32,6 +32,7 @@ import numpy as np
 # not pip-installed; train_step (this directory) has the timing helpers.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import machine
 from benchmarks import train_step
 from vgg_jax import finetune
 from vgg_jax import models
@@ -39,8 +40,6 @@ from vgg_jax import sharding
 from vgg_jax import steps
 from vgg_jax.configs import base
 # pylint: enable=g-import-not-at-top,wrong-import-position
-
-ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_tile', 'amx_bf16')
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -74,19 +73,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   return args
 
 
-def isa_flags() -> list[str]:
-  """Which of ``ISA_FLAGS`` /proc/cpuinfo lists (empty off Linux)."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('flags'):
-          have = set(line.split(':', 1)[1].split())
-          return [flag for flag in ISA_FLAGS if flag in have]
-  except OSError:
-    pass
-  return []
-
-
 def bench(freeze: str, args: argparse.Namespace) -> dict[str, Any]:
   """Compiles and times the step of one ``train.freeze`` choice."""
   config = base.get_config()
@@ -105,19 +91,18 @@ def bench(freeze: str, args: argparse.Namespace) -> dict[str, Any]:
   return dict(freeze=freeze, compile_s=compile_s, step_s=statistics.median(
       times), trainable=sum(int(np.prod(x.shape))
                             for x in jax.tree.leaves(trainable)),
-              load=train_step.load_average())
+              load=machine.load_average())
 
 
 def main(argv: Sequence[str]) -> int:
   args = parse_args(argv)
-  print(f'# CPU: {train_step.cpu_model()}; ISA flags: '
-        f'{", ".join(isa_flags()) or "none of " + ", ".join(ISA_FLAGS)}')
+  print(f'# CPU: {machine.describe()}')
   print(f'# JAX {jax.__version__}, backend {jax.default_backend()}, '
         f'{jax.device_count()} device(s); {args.model} at '
         f'{args.image_size}px, batch {args.batch_size}, width x'
         f'{args.width_multiplier:g}, {args.warmup} warm-up + {args.steps} '
         'timed steps (median)')
-  loads = train_step.wait_for_quiet_machine(args.max_load, args.load_retries,
+  loads = machine.wait_for_quiet_machine(args.max_load, args.load_retries,
                                             args.load_wait_s)
   print(f'# load average before: {loads[-1]:.2f}')
   rows = []

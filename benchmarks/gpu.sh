@@ -107,11 +107,11 @@ fi
 
 if ((smoke)); then
   args=(--models=vgg16 --batch_size=2 --image_size=32 --width_multiplier=0.0625
-    --steps=2 --warmup=1 --matmul_size=256 --dtype=bfloat16 --keras=none
+    --steps=2 --warmup=1 --matmul_size=256 --dtype=bfloat16 --peers=none
     --load_retries=0)
 else
   args=(--models=vgg16 --batch_size="${BATCH:-256}" --dtype=bfloat16
-    --keras=none --require_accelerator --load_retries=0)
+    --peers=none --require_accelerator --load_retries=0)
 fi
 
 # -u: progress lines appear as they happen; TF_CPP_MIN_LOG_LEVEL quiets the

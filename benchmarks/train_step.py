@@ -1,13 +1,15 @@
-"""Training-step throughput of vgg_jax, beside a Keras (TensorFlow) VGG.
+"""Training-step throughput of vgg_jax, beside Keras (TensorFlow) and PyTorch.
 
 Times the project's own jitted training step (``steps.jit_train_step`` over
 the state of ``steps.create_train_state``, as training uses them: the forward
 pass, cross-entropy, backward pass, L2 decay and momentum update, with the
 state donated) on synthetic uint8 batches already on the device, so the
 input pipeline is not measured (``benchmarks/input_pipeline.py`` does that).
-Beside it, in the same process, the same-shaped Keras 3 VGG trained by
-``model.train_on_batch`` on TensorFlow, with XLA ``jit_compile`` off and on,
-and one large ``jnp`` matmul whose FLOP/s is the yardstick.
+Beside it, in the same process, twins of the same net (``peers.py``): Keras 3
+trained by ``model.train_on_batch`` on TensorFlow with XLA ``jit_compile``
+off and on, and PyTorch eager (channels_last) when torch is installed (the
+``bench`` extra); each peer row gives ``vgg_jax / peer``, the ratio of
+images/s. One large ``jnp`` matmul's FLOP/s is the yardstick.
 
 FLOP convention: one training image costs 3 x the forward FLOPs (backward is
 about twice the forward), and forward FLOPs = 2 x ``models.count_macs`` (convs
@@ -16,9 +18,14 @@ and FC layers only, as the paper's GMAC figures). So images/s x 6 x MACs is the
 a check. MFU is model FLOP/s over ``--peak_tflops`` (e.g. 989 for an H100/H200
 SXM in dense bf16).
 
-CPU (the defaults there: batch 8, float32, VGG-A and VGG-D, Keras both ways)::
+CPU (the defaults there: batch 8, float32, VGG-A and VGG-D, every peer)::
 
     python benchmarks/train_step.py
+
+The quickstart's net, batch and crop (``--config`` takes the model, batch
+and crop size from a config file)::
+
+    python benchmarks/train_step.py --config=configs/quickstart.py --steps=20
 
 GPU/TPU (defaults: batch 256 over all devices, bfloat16, no Keras)::
 
@@ -28,9 +35,9 @@ GPU/TPU (defaults: batch 256 over all devices, bfloat16, no Keras)::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import pathlib
-import platform
 import shlex
 import statistics
 import sys
@@ -45,39 +52,48 @@ import numpy as np
 # pip-installed (e.g. a fresh GPU machine).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import machine
+from benchmarks import peers
 from vgg_jax import models
 from vgg_jax import sharding
 from vgg_jax import steps
 from vgg_jax.configs import base
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-KERAS_MODES = ('off', 'on', 'both', 'none')
+PEERS = ('keras_off', 'keras_on', 'torch')
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       description=__doc__.split('\n\n')[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument('--models', default='vgg11,vgg16',
-                 help='comma-separated vgg_jax model names')
+  p.add_argument('--config', default=None,
+                 help='config file whose model, batch size and crop size '
+                      'are the defaults (e.g. configs/quickstart.py); '
+                      'without it: the base config, VGG-A and VGG-D at 224')
+  p.add_argument('--models', default=None,
+                 help='comma-separated vgg_jax model names (default: the '
+                      "config's model, or vgg11,vgg16)")
   p.add_argument('--batch_size', type=int, default=None,
-                 help='global batch (default: 8 on CPU, 256 on GPU/TPU)')
+                 help="global batch (default: the config's, else 8 on CPU "
+                      'and 256 on GPU/TPU)')
   p.add_argument('--dtype', default=None,
                  help='compute dtype (default: float32 on CPU, bfloat16 on '
                       'GPU/TPU); parameters stay float32')
-  p.add_argument('--image_size', type=int, default=224,
-                 help='square crop side, a multiple of 32')
-  p.add_argument('--width_multiplier', type=float, default=1.0,
-                 help='scales every width (for smoke runs)')
+  p.add_argument('--image_size', type=int, default=None,
+                 help="square crop side, a multiple of 32 (default: the "
+                      "config's crop size, else 224)")
+  p.add_argument('--width_multiplier', type=float, default=None,
+                 help="scales every width (default: the config's, else 1)")
   p.add_argument('--steps', type=int, default=None,
                  help='timed steps (default: 3 on CPU, 20 on GPU/TPU)')
   p.add_argument('--warmup', type=int, default=None,
                  help='untimed steps after compilation (default: 1 on CPU, '
                       '3 on GPU/TPU)')
-  p.add_argument('--keras', default=None, choices=KERAS_MODES,
-                 help="Keras/TensorFlow-CPU side with jit_compile 'off', "
-                      "'on', 'both' or 'none' (default: both on CPU, none "
-                      'elsewhere)')
+  p.add_argument('--peers', default=None,
+                 help='comma-separated twins to time beside vgg_jax, of '
+                      f'{", ".join(PEERS)}, or none (default on CPU: all, '
+                      'torch where installed; elsewhere none)')
   p.add_argument('--matmul_size', type=int, default=None,
                  help='side of the square yardstick matmul (default: 4096 on '
                       'CPU, 8192 on GPU/TPU)')
@@ -96,31 +112,36 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def load_config(path: str | None):
+  """The ``get_config()`` of a config file, or the base config."""
+  if path is None:
+    return base.get_config()
+  spec = importlib.util.spec_from_file_location('bench_config', path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f'--config={path}: no such config file.')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  """Command-line options; ``None`` defaults depend on the JAX backend."""
+  """Command-line options; ``None`` defaults depend on the backend/config."""
   p = _parser()
   args = p.parse_args(argv)
   accel = jax.default_backend() != 'cpu'
   if args.require_accelerator and not accel:
     p.error('--require_accelerator: JAX sees no GPU/TPU (backend '
             f'{jax.default_backend()!r}, devices {jax.devices()}).')
-  defaults = dict(batch_size=256 if accel else 8,
-                  dtype='bfloat16' if accel else 'float32',
-                  steps=20 if accel else 3, warmup=3 if accel else 1,
-                  keras='none' if accel else 'both',
-                  matmul_size=8192 if accel else 4096)
-  for k, v in defaults.items():
-    if getattr(args, k) is None:
-      setattr(args, k, v)
+  try:
+    args.base_config = load_config(args.config)
+  except (FileNotFoundError, AttributeError, SyntaxError) as e:
+    p.error(f'--config={args.config}: {e}')
+  _set_defaults(args, accel)
   args.models = [m.strip() for m in args.models.split(',') if m.strip()]
   for name in args.models:
     if name not in models.MODEL_NAMES:
       p.error(f'Unknown model {name!r}; valid: '
               f'{", ".join(models.MODEL_NAMES)}.')
-    arch, batch_norm = models.parse_name(name)
-    if args.keras != 'none' and (batch_norm or arch.lrn):
-      p.error(f'--keras={args.keras}: there is no Keras twin of {name} (BN '
-              'or LRN); pass --keras=none.')
   if args.image_size < 32 or args.image_size % 32:
     p.error(f'--image_size={args.image_size} must be a positive multiple of '
             '32 (FC-6 is a (size/32)-wide conv).')
@@ -134,41 +155,37 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.dtype = jnp.dtype(args.dtype).name
   except TypeError:
     p.error(f'--dtype={args.dtype!r} is not a dtype (e.g. float32, bfloat16).')
+  unknown = sorted(set(args.peers) - set(PEERS))
+  if unknown:
+    p.error(f'--peers: unknown {", ".join(unknown)}; valid: '
+            f'{", ".join(PEERS)} or none.')
+  if 'torch' in args.peers and not peers.torch_available():
+    p.error('--peers=torch: PyTorch is not installed (pip install -e '
+            "'.[bench]').")
   return args
 
 
-def load_average() -> float:
-  """The 1-minute load average (0 where the OS does not say)."""
-  try:
-    return os.getloadavg()[0]
-  except OSError:
-    return 0.0
-
-
-def wait_for_quiet_machine(max_load: float, retries: int, wait_s: float
-                           ) -> list[float]:
-  """Waits while other work loads the CPUs; returns the loads seen."""
-  seen = [load_average()]
-  for _ in range(retries):
-    if seen[-1] <= max_load:
-      break
-    print(f'# load {seen[-1]:.2f} > {max_load:.2f}: waiting {wait_s:.0f} s',
-          flush=True)
-    time.sleep(wait_s)
-    seen.append(load_average())
-  return seen
-
-
-def cpu_model() -> str:
-  """The processor's model name (lscpu's 'Model name')."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+def _set_defaults(args: argparse.Namespace, accel: bool) -> None:
+  config = args.base_config
+  given = args.config is not None
+  defaults = dict(
+      models=config.model.name if given else 'vgg11,vgg16',
+      batch_size=(config.train.batch_size if given
+                  else 256 if accel else 8),
+      image_size=config.input.crop_size if given else 224,
+      width_multiplier=config.model.width_multiplier,
+      dtype='bfloat16' if accel else 'float32',
+      steps=20 if accel else 3, warmup=3 if accel else 1,
+      matmul_size=8192 if accel else 4096)
+  for k, v in defaults.items():
+    if getattr(args, k) is None:
+      setattr(args, k, v)
+  if args.peers is None:
+    args.peers = [] if accel else [
+        p for p in PEERS if p != 'torch' or peers.torch_available()]
+  else:
+    args.peers = [p.strip() for p in args.peers.split(',')
+                  if p.strip() and p.strip() != 'none']
 
 
 def time_steps(run: Callable[[], Any], warmup: int, steps: int) -> list[float]:
@@ -217,15 +234,42 @@ def xla_flops(compiled) -> float | None:
   return float(flops) if flops else None
 
 
-def bench_jax(name: str, args: argparse.Namespace) -> dict[str, Any]:
-  """Times the training step of ``steps.create_train_state`` for one model."""
-  config = base.get_config()
+def run_config(name: str, args: argparse.Namespace):
+  """The run config of one benchmarked model: ``--config`` plus the flags."""
+  config = args.base_config.copy_and_resolve_references()
   config.model.name = name
   config.model.dtype = args.dtype
   config.model.width_multiplier = args.width_multiplier
   config.model.fc6_kernel = args.image_size // 32
   config.train.batch_size = args.batch_size
   config.seed = args.seed
+  return config
+
+
+def net_spec(name: str, args: argparse.Namespace) -> peers.NetSpec:
+  """What the peers' twins of ``name`` must match."""
+  config = run_config(name, args)
+  return peers.NetSpec(
+      name=name, image_size=args.image_size, batch_size=args.batch_size,
+      num_classes=config.model.num_classes,
+      width_multiplier=args.width_multiplier,
+      dropout_rate=config.model.dropout_rate,
+      learning_rate=config.train.learning_rate,
+      momentum=config.train.momentum, weight_decay=config.train.weight_decay,
+      seed=args.seed)
+
+
+def _macs(name: str, args: argparse.Namespace) -> int:
+  config = run_config(name, args)
+  return models.count_macs(name, args.image_size,
+                           width_multiplier=args.width_multiplier,
+                           num_classes=config.model.num_classes,
+                           fc6_kernel=config.model.fc6_kernel)
+
+
+def bench_jax(name: str, args: argparse.Namespace) -> dict[str, Any]:
+  """Times the training step of ``steps.create_train_state`` for one model."""
+  config = run_config(name, args)
   mesh = sharding.create_mesh()
   setup, state = steps.create_train_state(config, mesh)
   num_params = sum(int(np.prod(x.shape))
@@ -234,13 +278,10 @@ def bench_jax(name: str, args: argparse.Namespace) -> dict[str, Any]:
   runner, compile_s = compiled_step(setup, state, config, mesh, name,
                                     args.image_size, args.seed)
   times = time_steps(runner, args.warmup, args.steps)
-  macs = models.count_macs(name, args.image_size,
-                           width_multiplier=args.width_multiplier,
-                           num_classes=config.model.num_classes,
-                           fc6_kernel=config.model.fc6_kernel)
   return dict(framework=f'vgg_jax (JAX {jax.__version__})', model=name,
               dtype=args.dtype, params=num_params, compile_s=compile_s,
-              times=times, macs=macs, load=load_average(),
+              times=times, macs=_macs(name, args),
+              load=machine.load_average(),
               xla_flops_per_step=xla_flops(runner.compiled),
               batch=args.batch_size)
 
@@ -292,95 +333,49 @@ class StepRunner:
       raise FloatingPointError(f'{self.name}: non-finite loss {float(loss)}.')
 
 
-def keras_vgg(name: str, image_size: int, num_classes: int,
-              width_multiplier: float):
-  """A Keras VGG with the same convs and FC layers as ``models.VGG``.
-
-  VGG-D at full width is ``keras.applications.VGG16``; other nets are built
-  layer by layer from ``models.ARCHITECTURES``. Keras's VGG has no dropout;
-  its cost is negligible.
-  """
-  import keras  # pylint: disable=g-import-not-at-top
-  arch, batch_norm = models.parse_name(name)
-  if batch_norm or arch.lrn:
-    raise ValueError(f'No Keras twin for {name}: only plain VGG nets.')
-  shape = (image_size, image_size, 3)
-  if name == 'vgg16' and width_multiplier == 1.0:
-    return keras.applications.VGG16(
-        weights=None, input_shape=shape, classes=num_classes,
-        classifier_activation=None)
-  scaled = lambda w: max(1, int(round(w * width_multiplier)))
-  layers = [keras.Input(shape)]
-  for block in arch.blocks:
-    for w, k in block:
-      layers.append(keras.layers.Conv2D(scaled(w), k, padding='same',
-                                        activation='relu'))
-    layers.append(keras.layers.MaxPooling2D(2))
-  fc = scaled(models.FC_WIDTH)
-  layers += [keras.layers.Flatten(), keras.layers.Dense(fc, activation='relu'),
-             keras.layers.Dense(fc, activation='relu'),
-             keras.layers.Dense(num_classes)]
-  return keras.Sequential(layers, name=name)
+def bench_peer(peer: str, name: str, args: argparse.Namespace
+               ) -> dict[str, Any]:
+  """Times one peer's twin of ``name`` (``peers.py``)."""
+  spec = net_spec(name, args)
+  if peer == 'torch':
+    make = lambda: peers.torch_step(spec)
+  else:
+    make = lambda: peers.keras_step(spec, jit_compile=peer == 'keras_on')
+  row = peers.bench_peer(make, time_steps, args.warmup, args.steps)
+  if peer != 'torch':
+    import keras  # pylint: disable=g-import-not-at-top
+    keras.backend.clear_session()
+  row.update(model=name, dtype='float32', macs=_macs(name, args),
+             load=machine.load_average(), xla_flops_per_step=None,
+             batch=args.batch_size)
+  return row
 
 
-def bench_keras(name: str, jit_compile: bool, args: argparse.Namespace
-                ) -> dict[str, Any]:
-  """Times ``train_on_batch`` of the Keras twin of one model."""
-  import keras  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  config = base.get_config()
-  keras.utils.set_random_seed(args.seed)
-  model = keras_vgg(name, args.image_size, config.model.num_classes,
-                    args.width_multiplier)
-  model.compile(
-      optimizer=keras.optimizers.SGD(
-          learning_rate=config.train.learning_rate,
-          momentum=config.train.momentum,
-          weight_decay=config.train.weight_decay),
-      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-      jit_compile=jit_compile)
-  rng = np.random.default_rng(args.seed)
-  size = (args.batch_size, args.image_size, args.image_size, 3)
-  x = tf.constant(rng.normal(0, 60, size).astype(np.float32))
-  y = tf.constant(rng.integers(0, config.model.num_classes, args.batch_size,
-                               dtype=np.int32))
-  # The first call traces (and with jit_compile, compiles) the train step.
-  t0 = time.perf_counter()
-  model.train_on_batch(x, y)
-  compile_s = time.perf_counter() - t0
-  times = time_steps(lambda: model.train_on_batch(x, y),
-                     max(0, args.warmup - 1), args.steps)
-  macs = models.count_macs(name, args.image_size,
-                           width_multiplier=args.width_multiplier,
-                           num_classes=config.model.num_classes,
-                           fc6_kernel=args.image_size // 32)
-  num_params = int(model.count_params())
-  keras.backend.clear_session()
-  return dict(
-      framework=(f'Keras {keras.__version__} / TF {tf.__version__}, '
-                 f'jit_compile={"on" if jit_compile else "off"}'),
-      model=name, dtype='float32', params=num_params, compile_s=compile_s,
-      times=times, macs=macs, load=load_average(), xla_flops_per_step=None,
-      batch=args.batch_size)
+def images_per_s(row: dict[str, Any]) -> float:
+  return row['batch'] / statistics.median(row['times'])
 
 
 def format_table(rows: list[dict[str, Any]], matmul: dict[str, float],
                  peak_tflops: float) -> str:
-  """The results as a markdown table."""
+  """The results as a markdown table; peers get the vgg_jax/peer ratio."""
   head = ['framework', 'model', 'batch', 'dtype', 'params', 'compile s',
-          'step ms (median)', 'images/s', 'model TFLOP/s',
+          'step ms (median)', 'images/s', 'vgg_jax / this', 'model TFLOP/s',
           '% of matmul FLOP/s', 'XLA TFLOP/step', 'load']
   if peak_tflops:
     head.append(f'MFU (peak {peak_tflops:g} TFLOP/s)')
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  ours = {r['model']: images_per_s(r) for r in rows
+          if r['framework'].startswith('vgg_jax')}
   for r in rows:
     t = statistics.median(r['times'])
-    ips = r['batch'] / t
+    ips = images_per_s(r)
     model_flops = 6 * r['macs'] * ips
     ref = matmul.get(r['dtype'])
+    mine = ours.get(r['model'])
     cells = [r['framework'], r['model'], str(r['batch']), r['dtype'],
              f'{r["params"]:,}', f'{r["compile_s"]:.1f}', f'{1e3 * t:.1f}',
-             f'{ips:.2f}', f'{model_flops / 1e12:.4g}',
+             f'{ips:.2f}', f'{mine / ips:.2f}x' if mine else '-',
+             f'{model_flops / 1e12:.4g}',
              f'{100 * model_flops / ref:.0f}%' if ref else '-',
              (f'{r["xla_flops_per_step"] / 1e12:.4g}'
               if r['xla_flops_per_step'] else '-'), f'{r["load"]:.1f}']
@@ -403,7 +398,7 @@ def measure_matmul(best: dict[str, float], args: argparse.Namespace,
     flops = matmul_flops(args.matmul_size, dtype)
     best[dtype] = max(best.get(dtype, 0.0), flops)
     print(f'# {args.matmul_size}^2 {dtype} jnp matmul ({when}): '
-          f'{flops / 1e12:.3f} TFLOP/s (load {load_average():.2f})',
+          f'{flops / 1e12:.3f} TFLOP/s (load {machine.load_average():.2f})',
           flush=True)
 
 
@@ -412,11 +407,11 @@ def main(argv: Sequence[str]) -> None:
   devices = jax.devices()
   command = [os.path.basename(sys.executable), *sys.argv]
   print(f'# command: {shlex.join(command)}')
-  print(f'# host CPU: {cpu_model()}, {os.cpu_count()} logical CPUs')
+  print(f'# host CPU: {machine.describe()}')
   print(f'# JAX {jax.__version__} backend {jax.default_backend()}: '
         f'{len(devices)} x {devices[0].device_kind}')
-  loads = wait_for_quiet_machine(args.max_load, args.load_retries,
-                                 args.load_wait_s)
+  loads = machine.wait_for_quiet_machine(args.max_load, args.load_retries,
+                                         args.load_wait_s)
   print(f'# 1-min load average before measuring: '
         f'{", ".join(f"{x:.2f}" for x in loads)}', flush=True)
   t_start = time.perf_counter()
@@ -425,15 +420,13 @@ def main(argv: Sequence[str]) -> None:
   # the yardstick, so a burst of other work on the machine does not lower it.
   matmul: dict[str, float] = {}
   measure_matmul(matmul, args, 'before')
-  keras_modes = {'off': [False], 'on': [True], 'both': [False, True],
-                 'none': []}[args.keras]
   rows = []
   for name in args.models:
     rows.append(bench_jax(name, args))
     print(format_table(rows[-1:], matmul, args.peak_tflops).splitlines()[-1],
           flush=True)
-    for jit_compile in keras_modes:
-      rows.append(bench_keras(name, jit_compile, args))
+    for peer in args.peers:
+      rows.append(bench_peer(peer, name, args))
       print(format_table(rows[-1:], matmul, args.peak_tflops).splitlines()[-1],
             flush=True)
   measure_matmul(matmul, args, 'after')
@@ -441,14 +434,16 @@ def main(argv: Sequence[str]) -> None:
     print(f'# matmul yardstick {dtype}: {flops / 1e12:.3f} TFLOP/s')
 
   print()
+  print(f'CPU: {machine.describe()}')
   print(format_table(rows, matmul, args.peak_tflops))
   print()
   print(f'# {args.steps} timed steps after {args.warmup} warm-up step(s), '
-        'median; model FLOPs = 6 x forward MACs x batch; % of matmul compares '
-        'with the jnp matmul in the same dtype; load: 1-min load average '
-        'after the timed steps.')
-  print(f'# 1-min load average after measuring: {load_average():.2f}; '
-        f'benchmark wall time {time.perf_counter() - t_start:.0f} s')
+        'median; vgg_jax / this: ratio of images/s (above 1: vgg_jax is '
+        'faster); model FLOPs = 6 x forward MACs x batch; % of matmul '
+        'compares with the jnp matmul in the same dtype; load: 1-min load '
+        'average after the timed steps.')
+  print(f'# 1-min load average after measuring: {machine.load_average():.2f}'
+        f'; benchmark wall time {time.perf_counter() - t_start:.0f} s')
   print_results(rows, args.peak_tflops)
 
 
@@ -456,7 +451,7 @@ def print_results(rows: list[dict[str, Any]], peak_tflops: float) -> None:
   """One ``RESULT`` line per vgg_jax row: images/s, and MFU given the peak."""
   for r in rows:
     if r['framework'].startswith('vgg_jax'):
-      ips = r['batch'] / statistics.median(r['times'])
+      ips = images_per_s(r)
       mfu = ''
       if peak_tflops:
         util = 6 * r['macs'] * ips / (peak_tflops * 1e12)

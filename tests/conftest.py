@@ -17,8 +17,10 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
+import jax
 import numpy as np
 import pytest
+from jax import export
 
 from vgg_jax import train
 from vgg_jax.datasets import testing
@@ -64,6 +66,17 @@ def smooth_image(width, height, seed=0):
     channels.append(128 + 90 * np.sin(fx * x / width * 6 + fy * y / height * 6
                                       + phase))
   return np.stack(channels, -1).round().astype(np.uint8)
+
+
+def accelerator_convs(fn, *args) -> int:
+  """Convolutions in ``fn(*args)`` as lowered for a GPU.
+
+  On CPU, ``vgg_jax.ops`` lowers some convolutions as matrix products, so
+  tests that count the convolutions a computation runs count those of the
+  default lowering, which every other backend gets.
+  """
+  text = export.export(jax.jit(fn), platforms=['cuda'])(*args).mlir_module()
+  return text.count('stablehlo.convolution')
 
 
 def _ppid_and_state(pid):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import accelerator_convs
 from conftest import load_config
 from conftest import make_tiny_config
 from conftest import REPO
@@ -279,26 +280,12 @@ def test_frozen_layers_and_their_bn_statistics_stay_bit_identical(
   assert {finetune.layer_of(k) for k in momentum} == set(trained)
 
 
-def _count_primitive(jaxpr, name):
-  """Occurrences of a primitive in a jaxpr, nested jaxprs included."""
-  count = 0
-  for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == name
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else [value]:
-        sub = getattr(sub, 'jaxpr', sub)
-        if hasattr(sub, 'eqns'):
-          count += _count_primitive(sub, name)
-  return count
-
-
 def _step_convs(config):
   setup, state = steps.create_train_state(config, sharding.create_mesh())
   step = steps.make_train_step(setup.graphdef, setup.rest, setup.tx,
                                lambda x: x.astype(jnp.float32), config.seed,
                                setup.trainable)
-  jaxpr = jax.make_jaxpr(step)(state, _batch(), jnp.float32(0.01)).jaxpr
-  return _count_primitive(jaxpr, 'conv_general_dilated')
+  return accelerator_convs(step, state, _batch(), jnp.float32(0.01))
 
 
 def test_frozen_trunk_step_has_no_backward_convs_in_the_trunk(tiny_config):

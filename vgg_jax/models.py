@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vgg_jax import ops
 # The table and options live in architectures; re-exported as the public API.
 from vgg_jax.architectures import ARCHITECTURE_FIELDS  # pylint: disable=unused-import
 from vgg_jax.architectures import ARCHITECTURES  # pylint: disable=unused-import
@@ -109,7 +110,8 @@ class ConvBlock(nnx.Module):
       convs.append(nnx.Conv(
           in_features, width, (k, k), padding='SAME', dtype=dtype,
           param_dtype=param_dtype, kernel_init=kernel_init,
-          bias_init=nnx.initializers.zeros_init(), rngs=rngs))
+          bias_init=nnx.initializers.zeros_init(),
+          conv_general_dilated=ops.conv_general_dilated, rngs=rngs))
       if batch_norm:
         # momentum 0.9 here is PyTorch's 0.1; eps as torchvision.
         norms.append(nnx.BatchNorm(width, momentum=0.9, epsilon=1e-5,
@@ -149,7 +151,7 @@ class ConvBlock(nnx.Module):
         # Zero outside the image so the next conv sees exactly the zero
         # padding it would see on the unpadded image.
         x = x * valid
-    yield pool_name(block), nnx.max_pool(x, (2, 2), strides=(2, 2))
+    yield pool_name(block), ops.max_pool_2x2(x)
 
 
 class VGG(nnx.Module):
@@ -193,7 +195,7 @@ class VGG(nnx.Module):
     conv = lambda i, o, k: nnx.Conv(  # pylint: disable=g-long-lambda
         i, o, (k, k), padding='VALID', dtype=dtype, param_dtype=param_dtype,
         kernel_init=kernel_init, bias_init=nnx.initializers.zeros_init(),
-        rngs=rngs)
+        conv_general_dilated=ops.conv_general_dilated, rngs=rngs)
     self.fc6 = conv(c, fc, opts.fc6_kernel)
     self.fc7 = conv(fc, fc, 1)
     self.fc8 = conv(fc, num_classes, 1)
