@@ -56,15 +56,16 @@ class MetricsWindow:
     self.reset()
 
   def reset(self) -> None:
-    self.metrics: TrainMetrics | None = None
+    self.metrics: list[TrainMetrics] = []
     self.images = 0
     self.data_wait = 0.0
     self.start = time.monotonic()
 
   def add(self, metrics: TrainMetrics, images: int, data_wait: float,
           skipped: int) -> None:
-    self.metrics = metrics if self.metrics is None else self.metrics.merge(
-        metrics)
+    # Merged when logged: merging each step cost a few eager device ops per
+    # step, about 6 ms on the quickstart (BENCHMARKS.md).
+    self.metrics.append(metrics)
     self.images += images
     self.data_wait += data_wait
     self.skipped += skipped
@@ -72,7 +73,8 @@ class MetricsWindow:
   def scalars(self, learning_rate: float) -> dict[str, float]:
     """The window's TensorBoard scalars (``train_loss``, ``images_per_sec``)."""
     elapsed = max(time.monotonic() - self.start, 1e-9)
-    out = {f'train_{k}': float(v) for k, v in self.metrics.compute().items()}
+    merged = functools.reduce(_merge_metrics, self.metrics)
+    out = {f'train_{k}': float(v) for k, v in merged.compute().items()}
     out.update(learning_rate=learning_rate,
                images_per_sec=self.images / elapsed,
                images_per_sec_per_device=(self.images / elapsed /
@@ -80,6 +82,11 @@ class MetricsWindow:
                data_wait_fraction=self.data_wait / elapsed,
                skipped_images=self.skipped)
     return out
+
+
+@jax.jit
+def _merge_metrics(a: TrainMetrics, b: TrainMetrics) -> TrainMetrics:
+  return a.merge(b)
 
 
 @flax.struct.dataclass
