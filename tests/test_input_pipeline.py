@@ -4,6 +4,7 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 
 from vgg_jax import input_pipeline
 from vgg_jax import preprocessing
@@ -255,6 +256,35 @@ def test_worker_process_gives_the_in_process_batches(tmp_path, data_dir):
   assert sum(int(b['skipped']) for b in workers) >= 6
 
 
+def test_decoded_cache_gives_the_uncached_batches(tmp_path, data_dir):
+  png = testing.encode(testing.ramp_image(40, 30))
+  root = testing.write_image_folder(tmp_path / 'imgs', {
+      **{f'train/a/{i}.png': png for i in range(6)},
+      'train/b/truncated.png': png[:len(png) // 2]})
+  config = _config(root, data_dir, random_flip=True, pca_sigma=0.1)
+  config.train.batch_size = 4
+  uncached = _batches(input_pipeline.create_train_iterator(config), 6)
+  config.data.cache_decoded_mb = 1.0
+  for workers in (0, 1):
+    config.data.num_workers = workers
+    cached = _batches(input_pipeline.create_train_iterator(config), 6)
+    # Over 3 epochs of 6 good records and an unreadable one: the cache
+    # serves repeats and still skips the bad record every epoch.
+    for a, b in zip(uncached, cached):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_decoded_cache_keeps_to_its_budget():
+  image = Image.new('RGB', (10, 10))
+  cache = input_pipeline.DecodedCache(budget_bytes=2 * 300 + 299)
+  for key in range(5):
+    cache.put(key, image, np.int32(key))
+  assert [cache.get(k) is not None for k in range(5)] == [True, True, False,
+                                                          False, False]
+  assert not input_pipeline.DecodedCache(0)
+
+
 def test_config_errors(ramp_root, data_dir):
   config = _config(ramp_root, data_dir, scale_min=16)
   with pytest.raises(ValueError, match='input.scale_min 16 is smaller than '
@@ -273,6 +303,10 @@ def test_config_errors(ramp_root, data_dir):
   with pytest.raises(ValueError, match='Test scale 16 is smaller than the '
                      'crop'):
     input_pipeline.create_eval_iterator(config, scale=16, mode='center_crop')
+  config = _config(ramp_root, data_dir)
+  config.data.cache_decoded_mb = -1.0
+  with pytest.raises(ValueError, match='data.cache_decoded_mb must be >= 0'):
+    input_pipeline.create_train_iterator(config)
   config = _config(ramp_root, data_dir, interpolation='cubic-ish')
   with pytest.raises(ValueError, match='Unknown input.interpolation'):
     input_pipeline.create_train_iterator(config)

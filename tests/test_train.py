@@ -53,6 +53,20 @@ def test_train_step_lowers_loss_on_a_fixed_batch(tiny_config, name):
     assert not jax.tree.leaves(state.batch_stats)
 
 
+def test_background_compiled_step_equals_the_jitted_step(tiny_config):
+  mesh = sharding.create_mesh()
+  lr = np.float32(tiny_config.train.learning_rate)
+  setup, state = steps.create_train_state(tiny_config, mesh)
+  want = steps.jit_train_step(setup, tiny_config)(state, _fixed_batch(), lr)
+  setup, state = steps.create_train_state(tiny_config, mesh)
+  step = steps.BackgroundCompiled(
+      steps.jit_train_step(setup, tiny_config), setup.abstract(state),
+      steps.train_batch_spec(tiny_config), jax.ShapeDtypeStruct((), np.float32))
+  got = step(state, _fixed_batch(), lr)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_create_train_state_is_typed_and_sharded(tiny_config):
   mesh = sharding.create_mesh()
   seen = []

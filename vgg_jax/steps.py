@@ -11,6 +11,7 @@ accelerator host can run it without TensorFlow or Grain
 
 # No `from __future__ import annotations`: clu's metric collections read
 # their fields' annotations as classes at run time.
+import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -356,6 +357,37 @@ def jit_train_step(setup: TrainSetup, config: ml_collections.ConfigDict):
                       _normalizer(config), config.seed, setup.trainable),
       in_shardings=(setup.shardings, batch_shd, None),
       out_shardings=(setup.shardings, None, None), donate_argnums=(0,))
+
+
+def train_batch_spec(config: ml_collections.ConfigDict
+                     ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global training batch's shapes: uint8 RGB crops and int32 labels."""
+  size, crop = config.train.batch_size, config.input.crop_size
+  return {'image': jax.ShapeDtypeStruct((size, crop, crop, 3), jnp.uint8),
+          'label': jax.ShapeDtypeStruct((size,), jnp.int32)}
+
+
+class BackgroundCompiled:
+  """A jitted function compiled in a thread from abstract arguments.
+
+  Called like the function (with arguments of those shapes); the first call
+  waits for the compilation. Training starts compiling its step this way
+  before it asks for the first batch, so compiling overlaps the input
+  workers' start-up instead of following it (BENCHMARKS.md, start-up).
+  """
+
+  def __init__(self, jitted, *abstract_args):
+    pool = concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix='vgg_jax_compile')
+    self._future = pool.submit(_compile, jitted, abstract_args)
+    pool.shutdown(wait=False)
+
+  def __call__(self, *args):
+    return self._future.result()(*args)
+
+
+def _compile(jitted, abstract_args):
+  return jitted.lower(*abstract_args).compile()
 
 
 def jit_eval_step(setup: TrainSetup, config: ml_collections.ConfigDict):

@@ -186,7 +186,11 @@ class Trainer:
       self._start()
     else:
       self._restore(resume_step, meta)
-    self.train_step = steps.jit_train_step(self.setup, self.config)
+    self.train_step = steps.BackgroundCompiled(
+        steps.jit_train_step(self.setup, self.config),
+        self.setup.abstract(self.state),
+        steps.train_batch_spec(self.config),
+        jax.ShapeDtypeStruct((), jnp.float32))
     self.eval_step = steps.jit_eval_step(self.setup, self.config)
     self.step = int(jax.device_get(self.state.step))
 

@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.prefetch_buffer_size = 2  # batches prepared ahead per worker
   config.data.read_threads = 16  # reading/decoding threads per worker (hide storage latency)
   config.data.read_buffer_size = 128  # examples decoded ahead per worker
+  config.data.cache_decoded_mb = 0.0  # decoded training images kept per worker (0: none; for datasets that fit in memory)
+  config.data.eval_num_workers = -1  # Grain worker processes for evaluation (-1: as num_workers; 0: in-process)
   config.data.eval_read_threads = 2  # eval batches decoded at once per worker (memory)
   config.data.max_consecutive_skips = 100  # more unreadable records in a row: error
   config.data.classes = ()  # class subset: names or indices, remapped to 0..k-1 in this order; () = all
