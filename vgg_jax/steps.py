@@ -62,6 +62,10 @@ class MetricsWindow:
     self.data_wait = 0.0
     self.start = time.monotonic()
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves ``seconds`` (a validation) out of the throughput's time."""
+    self.start += seconds
+
   def add(self, metrics: TrainMetrics, images: int, data_wait: float,
           skipped: int) -> None:
     # Merged when logged: merging each step cost a few eager device ops per

@@ -276,7 +276,7 @@ class Trainer:
     scale = self.config.input.eval_scales[0]
     mode = ('full' if self.config.input.eval_protocol == 'dense'
             else 'center_crop')
-    sums = None
+    sums, t0 = None, time.monotonic()
     for local in input_pipeline.create_eval_iterator(self.config, scale=scale,
                                                      mode=mode):
       batch = sharding.global_batch(
@@ -291,9 +291,9 @@ class Trainer:
                   val_count=float(sums['count']))
     self.writer.write_scalars(step, result)
     logging.info('step %d validation (Q=%d, %s): top-1 %.4f top-5 %.4f loss '
-                 '%.4f over %d examples', step, scale, mode,
+                 '%.4f over %d examples in %.1f s', step, scale, mode,
                  result['val_top1'], result['val_top5'], result['val_loss'],
-                 int(n))
+                 int(n), time.monotonic() - t0)
     return result
 
   def run(self) -> dict[str, Any]:
@@ -330,7 +330,13 @@ class Trainer:
       if step % train.log_every_steps == 0 or last:
         self._log(window, lr)
       if step % train.eval_every_steps == 0 or last:
-        if self._validate_and_save():
+        # Training throughput leaves validation out (it logs its own time);
+        # the last step's compute, still running, stays in.
+        jax.block_until_ready(self.state)
+        t0 = time.monotonic()
+        stop = self._validate_and_save()
+        window.exclude(time.monotonic() - t0)
+        if stop:
           return 'plateau'
       elif step % train.checkpoint_every_steps == 0:
         self.save(step)
