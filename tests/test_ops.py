@@ -65,6 +65,22 @@ def test_cpu_conv_equals_the_default_conv(n, h, c, k, size, padding):
         jnp.abs(a).max()), err_msg=name)
 
 
+@pytest.mark.parametrize('n,h,c,k,size,padding', CONV_CASES[:2])
+def test_cpu_conv_in_bfloat16_is_close_to_the_default(n, h, c, k, size,
+                                                      padding):
+  x = _random((n, h, h, c), 0).astype(jnp.bfloat16)
+  w = (_random((size, size, c, k), 1) / 10).astype(jnp.bfloat16)
+  y_shape = jax.eval_shape(lambda: _default_conv(x, w, padding)).shape
+  dy = _random(y_shape, 2).astype(jnp.bfloat16)
+  want = _value_and_grads(_default_conv, x, w, dy, padding)
+  got = _value_and_grads(_ops_conv, x, w, dy, padding)
+  for name, a, b in zip(('output', 'dx', 'dW'), want, got):
+    assert b.dtype == jnp.bfloat16, name
+    scale = float(jnp.abs(a.astype(jnp.float32)).max())
+    np.testing.assert_allclose(b.astype(np.float32), a.astype(np.float32),
+                               atol=0.03 * scale, err_msg=name)
+
+
 def test_strided_conv_is_left_to_xla():
   x, w = _random((2, 8, 8, 4), 0), _random((3, 3, 4, 8), 1)
   dy = _random((2, 4, 4, 8), 2)

@@ -8,6 +8,13 @@ a VJP that routes each gradient to the first maximum of its window in
 row-major order, which is exactly what ``select_and_scatter`` does, so the
 values and gradients are identical (``tests/test_ops.py``).
 
+``conv_general_dilated`` (what ``models`` hands to ``nnx.Conv``) writes the
+stride-1 convolutions of VGG as XLA:CPU runs them fastest: FC layers on a
+training crop as the matrix products they are, kernel gradients of wide
+layers on large maps as one GEMM per kernel tap, and convolutions on maps
+of a few pixels as patches times kernel; the rest stays XLA's own. The
+values and gradients equal XLA's up to the order of summation.
+
 Each op is picked at lowering time by ``jax.lax.platform_dependent``: the
 CPU lowering is compiled only for CPU, and GPU/TPU programs contain the
 default ops unchanged.
