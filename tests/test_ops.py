@@ -81,11 +81,17 @@ def test_cpu_conv_in_bfloat16_is_close_to_the_default(n, h, c, k, size,
                                atol=0.03 * scale, err_msg=name)
 
 
-def test_strided_conv_is_left_to_xla():
-  x, w = _random((2, 8, 8, 4), 0), _random((3, 3, 4, 8), 1)
-  dy = _random((2, 4, 4, 8), 2)
-  want = _value_and_grads(_default_conv, x, w, dy, 'SAME', (2, 2))
-  got = _value_and_grads(_ops_conv, x, w, dy, 'SAME', (2, 2))
+@pytest.mark.parametrize('side,padding,strides', [
+    (8, 'SAME', (2, 2)),  # strided
+    (2, ((3, 3), (0, 4)), (1, 1)),  # padding wider than the kernel
+])
+def test_other_convs_are_left_to_xla(side, padding, strides):
+  x, w = _random((2, side, side, 4), 0), _random((3, 3, 4, 8), 1)
+  y_shape = jax.eval_shape(
+      lambda: _default_conv(x, w, padding, strides)).shape
+  dy = _random(y_shape, 2)
+  want = _value_and_grads(_default_conv, x, w, dy, padding, strides)
+  got = _value_and_grads(_ops_conv, x, w, dy, padding, strides)
   for a, b in zip(want, got):
     np.testing.assert_array_equal(a, b)
 

@@ -224,6 +224,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       feature_group_count=feature_group_count, precision=precision, **kwargs)
   pads = _explicit_pads(padding, rhs.shape[:2])
   simple = (lhs.ndim == 4 and pads is not None
+            and all(0 <= p <= k - 1 for (lo, hi), k in zip(pads, rhs.shape)
+                    for p in (lo, hi))
             and all(s == 1 for s in window_strides)
             and all(d == 1 for d in (lhs_dilation or (1, 1)))
             and all(d == 1 for d in (rhs_dilation or (1, 1)))
