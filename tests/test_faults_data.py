@@ -111,7 +111,10 @@ def test_workers_end_with_a_killed_parent(how, iterators, fashion_idx_dir,
       os.killpg(process.pid, signal.SIGINT)
     else:
       os.kill(process.pid, getattr(signal, how))
-    _, stderr = process.communicate(timeout=60)
+    # Grain stops each worker's process within 25 s before killing it
+    # (process_prefetch._PROCESS_KILL_TIMEOUT_S), one after another: a slow
+    # but finite exit on a loaded machine, not a hang.
+    _, stderr = process.communicate(timeout=120)
     left = _wait_gone(workers, timeout=10)
     assert not left, f'orphaned workers {left} after {how}'
   finally:
