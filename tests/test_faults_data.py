@@ -42,7 +42,9 @@ def tiny_config():
 # two workers each; prints READY, then waits for a signal, raises, or ends
 # normally (argv[3]).
 _ITERATE = _CONFIG + """
-import time
+import faulthandler, signal, time
+# SIGUSR1 prints every thread's stack: what a hung exit waits on.
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 from vgg_jax import input_pipeline
 
 config = tiny_config()
@@ -91,6 +93,19 @@ def _kill_leftovers(pids):
       os.kill(pid, signal.SIGKILL)
 
 
+def _communicate_or_dump(process, timeout):
+  """The child's stderr once it exits; fails with its thread stacks if not."""
+  try:
+    return process.communicate(timeout=timeout)[1]
+  except subprocess.TimeoutExpired:
+    os.kill(process.pid, signal.SIGUSR1)
+    time.sleep(2)
+    os.kill(process.pid, signal.SIGKILL)
+    stderr = process.communicate()[1]
+    pytest.fail(f'still running {timeout} s after the signal; its threads:\n'
+                f'{stderr[-6000:]}')
+
+
 def _tracebacks(stderr):
   return stderr.count('Traceback (most recent call last)')
 
@@ -114,7 +129,7 @@ def test_workers_end_with_a_killed_parent(how, iterators, fashion_idx_dir,
     # Grain stops each worker's process within 25 s before killing it
     # (process_prefetch._PROCESS_KILL_TIMEOUT_S), one after another: a slow
     # but finite exit on a loaded machine, not a hang.
-    _, stderr = process.communicate(timeout=120)
+    stderr = _communicate_or_dump(process, timeout=120)
     left = _wait_gone(workers, timeout=10)
     assert not left, f'orphaned workers {left} after {how}'
   finally:
