@@ -63,10 +63,17 @@ elif sys.argv[3] == 'raise':
 """
 
 
+def _default_sigint():
+  # As from a terminal: a test run can leave SIGINT ignored in this process
+  # (children inherit SIG_IGN, and Python then installs no Ctrl-C handler).
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(script, *args, **kwargs):
   return subprocess.Popen(
       [sys.executable, '-c', script, *map(str, args)], cwd=REPO,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      preexec_fn=_default_sigint, **kwargs)
 
 
 def _wait_for(process, word):
