@@ -246,11 +246,10 @@ def run_config(name: str, args: argparse.Namespace):
   return config
 
 
-def net_spec(name: str, args: argparse.Namespace) -> peers.NetSpec:
-  """What the peers' twins of ``name`` must match."""
-  config = run_config(name, args)
+def net_spec(config, args: argparse.Namespace) -> peers.NetSpec:
+  """What the peers' twins of the ``run_config`` model must match."""
   return peers.NetSpec(
-      name=name, image_size=args.image_size, batch_size=args.batch_size,
+      name=config.model.name, image_size=args.image_size, batch_size=args.batch_size,
       num_classes=config.model.num_classes,
       width_multiplier=args.width_multiplier,
       dropout_rate=config.model.dropout_rate,
@@ -259,9 +258,8 @@ def net_spec(name: str, args: argparse.Namespace) -> peers.NetSpec:
       seed=args.seed)
 
 
-def _macs(name: str, args: argparse.Namespace) -> int:
-  config = run_config(name, args)
-  return models.count_macs(name, args.image_size,
+def _macs(config, args: argparse.Namespace) -> int:
+  return models.count_macs(config.model.name, args.image_size,
                            width_multiplier=args.width_multiplier,
                            num_classes=config.model.num_classes,
                            fc6_kernel=config.model.fc6_kernel)
@@ -280,7 +278,7 @@ def bench_jax(name: str, args: argparse.Namespace) -> dict[str, Any]:
   times = time_steps(runner, args.warmup, args.steps)
   return dict(framework=f'vgg_jax (JAX {jax.__version__})', model=name,
               dtype=args.dtype, params=num_params, compile_s=compile_s,
-              times=times, macs=_macs(name, args),
+              times=times, macs=_macs(config, args),
               load=machine.load_average(),
               xla_flops_per_step=xla_flops(runner.compiled),
               batch=args.batch_size)
@@ -336,7 +334,8 @@ class StepRunner:
 def bench_peer(peer: str, name: str, args: argparse.Namespace
                ) -> dict[str, Any]:
   """Times one peer's twin of ``name`` (``peers.py``)."""
-  spec = net_spec(name, args)
+  config = run_config(name, args)
+  spec = net_spec(config, args)
   if peer == 'torch':
     make = lambda: peers.torch_step(spec)
   else:
@@ -345,7 +344,7 @@ def bench_peer(peer: str, name: str, args: argparse.Namespace
   if peer != 'torch':
     import keras  # pylint: disable=g-import-not-at-top
     keras.backend.clear_session()
-  row.update(model=name, dtype='float32', macs=_macs(name, args),
+  row.update(model=name, dtype='float32', macs=_macs(config, args),
              load=machine.load_average(), xla_flops_per_step=None,
              batch=args.batch_size)
   return row
