@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+from typing import NamedTuple
 
 from absl import logging
 import jax
@@ -105,6 +106,13 @@ def initialize(setting: str, peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
   return True
 
 
+class _Heartbeat(NamedTuple):
+  """What the watchdog last read of one peer's heartbeat."""
+  value: str | None  # the counter as stored; None before the first read
+  since: float  # time.monotonic() when ``value`` was first read
+  changes: int  # new values read so far
+
+
 class PeerWatchdog:
   """Ends this process with one error line when a peer process stops.
 
@@ -127,9 +135,8 @@ class PeerWatchdog:
     self._thread = threading.Thread(target=self._watch, daemon=True,
                                     name='peer-watchdog')
     self._client = None
-    # peer -> (its last heartbeat value, when it last changed); written by
-    # the watchdog thread only.
-    self._seen = {p: (None, time.monotonic())
+    # Written by the watchdog thread only.
+    self._seen = {p: _Heartbeat(None, time.monotonic(), 0)
                   for p in range(jax.process_count())
                   if p != jax.process_index()}
 
@@ -158,8 +165,11 @@ class PeerWatchdog:
     If one does not, the watchdog ends this process within ``timeout_s``
     with the news that the peer stopped, and this never returns.
     """
-    start = time.monotonic()
-    while any(since <= start for _, since in list(self._seen.values())):
+    # A dead peer's last heartbeat may be read for the first time after the
+    # call, once; two new values prove it beat after the call began.
+    start = {p: beat.changes for p, beat in list(self._seen.items())}
+    while any(beat.changes < start[p] + 2
+              for p, beat in list(self._seen.items())):
       time.sleep(self.poll_s / 2)
     if jax.process_index() == 0:
       # The coordination service ends with process 0, and JAX aborts the
@@ -177,13 +187,13 @@ class PeerWatchdog:
       except Exception:  # pylint: disable=broad-except
         values = {}  # the service unreachable: no sign of life from anyone
       now = time.monotonic()
-      for peer, (value, since) in list(seen.items()):
+      for peer, heard in list(seen.items()):
         new = values.get(self._key(peer))
         if new == _DONE:
           del seen[peer]
-        elif new is not None and new != value:
-          seen[peer] = (new, now)
-        elif now - since > self.timeout_s and not self._stop.is_set():
+        elif new is not None and new != heard.value:
+          seen[peer] = _Heartbeat(new, now, heard.changes + 1)
+        elif now - heard.since > self.timeout_s and not self._stop.is_set():
           self._end_process(peer)
 
   def _end_process(self, peer: int) -> None:
