@@ -243,6 +243,9 @@ def run_config(name: str, args: argparse.Namespace):
   config.model.fc6_kernel = args.image_size // 32
   config.train.batch_size = args.batch_size
   config.seed = args.seed
+  # The net's step on ready crops, as the peers' (the quickstart's on-device
+  # augmentation is part of its training loop: benchmarks/training_loop.sh).
+  config.input.augment_on_device = False
   return config
 
 

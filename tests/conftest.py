@@ -131,6 +131,9 @@ def make_tiny_config(fashion_idx_dir, tfds_dir):
   config.data.manual_dir = str(fashion_idx_dir)
   config.data.data_dir = str(tfds_dir)
   config.data.num_workers = 0
+  # The host's augmentation, whose batches tests build by hand; the
+  # quickstart's on-device path: tests/test_device_augment.py.
+  config.input.augment_on_device = False
   config.model.name = 'vgg11'  # plain net A: the init-from-A tests need it
   config.model.width_multiplier = 1 / 16
   config.train.batch_size = 16
@@ -146,6 +149,7 @@ def make_tiny_config(fashion_idx_dir, tfds_dir):
 # Fields of ``make_tiny_config`` that differ from configs/quickstart.py (for
 # passing the tiny config to a command line or a config file).
 TINY_FIELDS = ('data.manual_dir', 'data.data_dir', 'data.num_workers',
+               'input.augment_on_device',
                'model.name', 'model.width_multiplier', 'train.batch_size',
                'train.eval_batch_size', 'train.max_steps',
                'train.log_every_steps', 'train.eval_every_steps',

@@ -60,6 +60,7 @@ from PIL import Image
 from vgg_jax import bad_records
 from vgg_jax import datasets
 from vgg_jax import decoding
+from vgg_jax import device_augment
 from vgg_jax import preprocessing
 from vgg_jax import workers
 from vgg_jax.datasets import DatasetInfo
@@ -290,6 +291,55 @@ class _TrainExample:
     return np.asarray(image)
 
 
+class _DeviceAugmentBatch:
+  """Builds host batch ``index`` for `device_augment` (no resampling here).
+
+  Batch ``index`` holds stream positions ``index * B ... index * B + B - 1``,
+  mapped to records as in `_TrainExample` (the same epoch order).
+  """
+
+  def __init__(self, data: _Split, keys: Sequence[int], shard: int,
+               batch_size: int, config: ml_collections.ConfigDict):
+    self._keys = np.asarray(keys, np.int32)
+    self._shard_images = device_augment.InMemoryShard(
+        functools.partial(_encoded_and_label, data), keys,
+        config.data.cache_decoded_mb, config.input.max_image_pixels)
+    self._shard, self._batch, self._seed = shard, batch_size, config.seed
+    self._shard_images.decode_ahead(
+        _epoch_order(self._seed, shard, 0, len(keys)))
+
+  def __call__(self, index: int, _) -> dict[str, np.ndarray]:
+    epochs, positions = np.divmod(
+        np.arange(index * self._batch, (index + 1) * self._batch),
+        len(self._keys))
+    for epoch in np.unique(epochs):
+      order = _epoch_order(self._seed, self._shard, int(epoch),
+                           len(self._keys))
+      positions[epochs == epoch] = order[positions[epochs == epoch]]
+    images, labels = self._shard_images.gather(positions)
+    return {'image': images, 'label': labels,
+            'record': self._keys[positions],
+            'epoch': epochs.astype(np.int32)}
+
+
+def _encoded_and_label(data: _Split, key: int) -> tuple[bytes, np.int32]:
+  record = data.source[key]
+  return record[data.info.image_key], data.label(record)
+
+
+def _device_augment_iterator(data: _Split, keys: Sequence[int], shard: int,
+                             batch_size: int,
+                             config: ml_collections.ConfigDict):
+  if config.input.interpolation != device_augment.INTERPOLATION:
+    raise ValueError(
+        'input.augment_on_device resamples bilinearly only; got '
+        f'input.interpolation={config.input.interpolation!r}.')
+  # Batches are cheap gathers: built in this process, ahead by a thread.
+  ds = grain.MapDataset.range(2 ** 62).map_with_index(
+      _DeviceAugmentBatch(data, keys, shard, batch_size, config))
+  return ds.to_iter_dataset(_read_options(1, config.data.prefetch_buffer_size))
+
+
 def create_train_iterator(config: ml_collections.ConfigDict, *,
                           global_batch_size: int | None = None,
                           process_index: int | None = None,
@@ -322,6 +372,9 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
   if not len(keys):  # pylint: disable=g-explicit-length-test
     raise ValueError(f'Split {data.name!r} has {len(data.records)} examples, '
                      f'too few for {count} processes.')
+  if config.input.augment_on_device:
+    return _device_augment_iterator(data, keys, index, batch,
+                                    config).__iter__()
   # The transform maps stream positions to records (see _TrainExample).
   ds = grain.MapDataset.range(len(keys)).repeat()
   ds = ds.map_with_index(_TrainExample(data, keys, index, config))
@@ -332,6 +385,21 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
   ds = ds.batch(batch, drop_remainder=True)
   ds = _multiprocess(ds, config)
   return workers.close_at_exit(ds.map(bad_records.sum_skipped).__iter__())
+
+
+def source_image_shape(config: ml_collections.ConfigDict,
+                       split: str | None = None) -> tuple[int, ...]:
+  """``(H, W, 3)`` of the split's first image: with
+  ``input.augment_on_device``, that of every image the host batches hold.
+
+  Args:
+    config: the experiment config.
+    split: the split (default ``config.data.train_split``).
+  """
+  data = _split(config, split or config.data.train_split)
+  encoded, _ = _encoded_and_label(data, int(data.records[0]))
+  image = decoding.decode(encoded, max_pixels=config.input.max_image_pixels)
+  return np.asarray(image).shape
 
 
 class _EvalExample:

@@ -15,7 +15,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -28,6 +28,7 @@ from clu import metrics as clu_metrics
 from flax import nnx
 from jax.sharding import Mesh
 
+from vgg_jax import device_augment
 from vgg_jax import finetune
 from vgg_jax import metrics
 from vgg_jax import models
@@ -270,10 +271,15 @@ def _loss(params: nnx.State, frozen: nnx.State, batch_stats: nnx.State,
   return loss, (logits, nnx.state(model, nnx.BatchStat))
 
 
+def _given_crops(batch: Batch) -> jax.Array:
+  return batch['image']
+
+
 def train_step(state: TrainState, batch: Batch, learning_rate: jax.Array, *,
                graphdef: nnx.GraphDef, rest: nnx.State,
                tx: optax.GradientTransformation, normalize: Normalize,
-               seed: int, trainable: Any = _ALL
+               seed: int, trainable: Any = _ALL,
+               images: Callable[[Batch], jax.Array] = _given_crops
                ) -> tuple[TrainState, TrainMetrics, jax.Array]:
   """One SGD step: forward, backward, update (see ``make_train_step``)."""
   key = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -283,7 +289,7 @@ def train_step(state: TrainState, batch: Batch, learning_rate: jax.Array, *,
   params, frozen = finetune.split_trainable(state.params, trainable)
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(params, frozen, state.batch_stats,
-                             normalize(batch['image']), batch['label'], key)
+                             normalize(images(batch)), batch['label'], key)
   updates, opt_state = tx.update(grads, state.opt_state, params)
   params = nnx.merge_state(
       optim.apply_updates(params, updates, learning_rate), frozen)
@@ -297,7 +303,8 @@ def train_step(state: TrainState, batch: Batch, learning_rate: jax.Array, *,
 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State,
                     tx: optax.GradientTransformation, normalize: Normalize,
-                    seed: int, trainable: Any = _ALL):
+                    seed: int, trainable: Any = _ALL,
+                    images: Callable[[Batch], jax.Array] = _given_crops):
   """The pure training step: forward, backward, SGD update.
 
   Args:
@@ -309,12 +316,15 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State,
       for a resumed run and across device counts.
     trainable: the ``nnx`` filter of the parameters that train; the others
       are neither differentiated nor changed.
+    images: batch -> its uint8 training crops: the batch's own images, or
+      a `device_augment.Augmentation` of a host batch of source images.
 
   Returns:
     ``step(state, batch, learning_rate) -> (state, metrics, loss)``.
   """
   return functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx,
-                           normalize=normalize, seed=seed, trainable=trainable)
+                           normalize=normalize, seed=seed, trainable=trainable,
+                           images=images)
 
 
 def eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
@@ -356,17 +366,33 @@ def jit_train_step(setup: TrainSetup, config: ml_collections.ConfigDict):
     global batch arrays split over the data axis.
   """
   batch_shd = sharding.batch_sharding(setup.mesh)
+  images = _given_crops
+  if config.input.augment_on_device:
+    images = device_augment.Augmentation.from_config(config)
   return jax.jit(
       make_train_step(setup.graphdef, setup.rest, setup.tx,
-                      _normalizer(config), config.seed, setup.trainable),
+                      _normalizer(config), config.seed, setup.trainable,
+                      images),
       in_shardings=(setup.shardings, batch_shd, None),
       out_shardings=(setup.shardings, None, None), donate_argnums=(0,))
 
 
-def train_batch_spec(config: ml_collections.ConfigDict
+def train_batch_spec(config: ml_collections.ConfigDict,
+                     source_shape: Sequence[int] | None = None
                      ) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global training batch's shapes: uint8 RGB crops and int32 labels."""
+  """The global training batch's shapes.
+
+  Args:
+    config: the run config.
+    source_shape: ``(H, W, 3)`` of the split's images, with
+      ``input.augment_on_device`` (`input_pipeline.source_image_shape`).
+
+  Returns:
+    uint8 RGB crops and int32 labels, or `device_augment`'s host batch.
+  """
   size, crop = config.train.batch_size, config.input.crop_size
+  if config.input.augment_on_device:
+    return device_augment.batch_spec(size, source_shape)
   return {'image': jax.ShapeDtypeStruct((size, crop, crop, 3), jnp.uint8),
           'label': jax.ShapeDtypeStruct((size,), jnp.int32)}
 
@@ -385,8 +411,13 @@ class BackgroundCompiled:
         1, thread_name_prefix='vgg_jax_compile')
     self._future = pool.submit(_compile, jitted, abstract_args)
     pool.shutdown(wait=False)
+    self.waited = 0.0  # seconds calls spent waiting for the compilation
 
   def __call__(self, *args):
+    if not self._future.done():
+      t0 = time.monotonic()
+      self._future.result()
+      self.waited += time.monotonic() - t0
     return self._future.result()(*args)
 
 

@@ -139,6 +139,8 @@ class Trainer:
         self.workdir, just_logging=not self.is_host0, asynchronous=True)
     self.manager = checkpointing.create_manager(self.workdir, config)
     self.train_iter = input_pipeline.create_train_iterator(config)
+    self.source_shape = (input_pipeline.source_image_shape(config)
+                         if config.input.augment_on_device else None)
     self.plateau = optim.Plateau.from_config(config)
     self.lr_at = optim.base_schedule(config, self.steps_per_epoch,
                                      self.total_steps)
@@ -189,7 +191,7 @@ class Trainer:
     self.train_step = steps.BackgroundCompiled(
         steps.jit_train_step(self.setup, self.config),
         self.setup.abstract(self.state),
-        steps.train_batch_spec(self.config),
+        steps.train_batch_spec(self.config, self.source_shape),
         jax.ShapeDtypeStruct((), jnp.float32))
     self.eval_step = steps.jit_eval_step(self.setup, self.config)
     self.step = int(jax.device_get(self.state.step))
@@ -353,10 +355,16 @@ class Trainer:
     local = next(self.train_iter)
     data_wait = time.monotonic() - t0
     batch = sharding.global_batch(
-        {'image': local['image'], 'label': local['label']}, self.mesh)
+        {k: v for k, v in local.items() if k != 'skipped'}, self.mesh)
     lr = self.lr_at(self.step) * self.plateau.scale
+    compiling = self.train_step.waited
     self.state, metrics, loss = self.train_step(self.state, batch,
                                                 np.float32(lr))
+    compiling = self.train_step.waited - compiling
+    if compiling:  # start-up, not throughput: logged apart
+      window.exclude(compiling)
+      logging.info('Waited %.1f s for the train step\'s compilation.',
+                   compiling)
     self.step += 1
     window.add(metrics, self.config.train.batch_size, data_wait,
                int(np.sum(local.get('skipped', 0))))

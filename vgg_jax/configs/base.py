@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.prefetch_buffer_size = 2  # batches prepared ahead per worker
   config.data.read_threads = 16  # reading/decoding threads per worker (hide storage latency)
   config.data.read_buffer_size = 128  # examples decoded ahead per worker
-  config.data.cache_decoded_mb = 0.0  # decoded training images kept per worker (0: none; for datasets that fit in memory)
+  config.data.cache_decoded_mb = 0.0  # decoded training images kept per worker (0: none), or the bound on the shard with input.augment_on_device
   config.data.eval_num_workers = -1  # Grain worker processes for evaluation (-1: as num_workers; 0: in-process)
   config.data.eval_read_threads = 2  # eval batches decoded at once per worker (memory)
   config.data.max_consecutive_skips = 100  # more unreadable records in a row: error
@@ -58,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.scale_max = 256  # S_max; S ~ U[S_min, S_max] per image when larger
   config.input.crop_size = 224  # training crop side
   config.input.random_flip = True  # random horizontal flip
+  config.input.augment_on_device = False  # rescale-crop-flip in the train step; the decoded split held in memory (data.cache_decoded_mb), no workers
   config.input.pca_sigma = 0.1  # AlexNet PCA colour shift std (0: off)
   config.input.normalization = 'mean_rgb'  # mean_rgb (paper), imagenet_mean_std, caffe_bgr
   config.input.mean_rgb = IMAGENET_MEAN_RGB  # 0-255 mean subtracted by mean_rgb
