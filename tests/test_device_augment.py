@@ -10,6 +10,7 @@ import pytest
 from conftest import train_straight_and_split
 from PIL import Image
 
+from vgg_jax import decoding
 from vgg_jax import device_augment
 from vgg_jax import input_pipeline
 from vgg_jax import preprocessing
@@ -155,14 +156,18 @@ def test_clear_errors_for_what_the_device_path_cannot_do(tiny_config):
     input_pipeline.create_train_iterator(config)
 
 
-def test_images_of_another_size_are_named():
-  images = {7: np.zeros((8, 8, 3), np.uint8), 9: np.zeros((8, 9, 3), np.uint8)}
+def test_unreadable_images_and_images_of_another_size_are_named():
+  files = {7: testing.encode(np.zeros((8, 8, 3), np.uint8)),
+           9: testing.encode(np.zeros((8, 9, 3), np.uint8)),
+           11: b'not an image'}
   shard = device_augment.InMemoryShard(
-      lambda key: (testing.encode(images[key]), np.int32(0)), [7, 9], 1.0,
-      10 ** 6)
+      lambda key: (files[key], np.int32(0)), [7, 9, 11], 1.0, 10 ** 6)
   with pytest.raises(ValueError, match=r'record 9 is \(8, 9, 3\), the first '
                      r'\(8, 8, 3\)'):
     shard.gather(np.array([1]))
+  with pytest.raises(decoding.ImageDecodeError,
+                     match=r'training record 11: .*skips bad records'):
+    shard.gather(np.array([0, 2]))
 
 
 def test_training_on_device_crops_learns(tiny_config, tmp_path):

@@ -51,7 +51,7 @@ _STREAM = 0x617567
 
 
 class InMemoryShard:
-  """A shard's decoded images and labels, decoded on first use.
+  """A shard's decoded images and labels, decoded ahead or on first use.
 
   Args:
     read: key -> ``(encoded image, label)`` of a record.

@@ -27,6 +27,12 @@ Evaluation batch::
      'valid_size': int32 (B, 2)}  # 'full' only: (h, w) on the canvas,
                                   # (0, 0) where mask is False
 
+With ``config.input.augment_on_device`` a training batch holds the source
+images instead, and the train step cuts the crops (`device_augment`)::
+
+    {'image': uint8 (B, H, W, 3), 'label': int32 (B,),
+     'record': int32 (B,), 'epoch': int32 (B,)}
+
 Pop ``skipped`` before sending a batch to the devices. The epoch's order comes
 from ``(config.seed, process, epoch)`` and every example's randomness from
 ``(config.seed, record index, epoch)``, so a run resumed from a checkpointed
