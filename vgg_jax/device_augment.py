@@ -35,6 +35,7 @@ import functools
 import threading
 from typing import Any, Callable, Sequence
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,6 +43,7 @@ import numpy as np
 
 from vgg_jax import decoding
 from vgg_jax import preprocessing
+from vgg_jax import splits
 
 # The one resampling filter whose jax.image result matches PIL's.
 INTERPOLATION = 'bilinear'
@@ -122,6 +124,61 @@ class InMemoryShard:
     for position in positions[~self._ready[positions]]:
       self._store(int(position), *self._decode(int(position)))
     return self._images[positions], self._labels[positions]
+
+
+class HostBatches:
+  """Grain transform: batch number ``index`` -> host batch (no resampling).
+
+  Batch ``index`` holds stream positions ``index * B ... index * B + B - 1``,
+  mapped to records as in `input_pipeline` (the same epoch order).
+  """
+
+  def __init__(self, data: splits.Split, keys: Sequence[int], shard: int,
+               batch_size: int, config: ml_collections.ConfigDict):
+    self._keys = np.asarray(keys, np.int32)
+    self._shard_images = InMemoryShard(
+        data.encoded_and_label, keys,
+        config.data.cache_decoded_mb, config.input.max_image_pixels)
+    self._shard, self._batch, self._seed = shard, batch_size, config.seed
+    self._shard_images.decode_ahead(
+        splits.epoch_order(self._seed, shard, 0, len(keys)))
+
+  def __call__(self, index: int, _) -> dict[str, np.ndarray]:
+    epochs, positions = np.divmod(
+        np.arange(index * self._batch, (index + 1) * self._batch),
+        len(self._keys))
+    for epoch in np.unique(epochs):
+      order = splits.epoch_order(self._seed, self._shard, int(epoch),
+                                 len(self._keys))
+      positions[epochs == epoch] = order[positions[epochs == epoch]]
+    images, labels = self._shard_images.gather(positions)
+    return {'image': images, 'label': labels,
+            'record': self._keys[positions],
+            'epoch': epochs.astype(np.int32)}
+
+
+def train_iterator(data: splits.Split, keys: Sequence[int], shard: int,
+                   batch_size: int, config: ml_collections.ConfigDict
+                   ) -> grain.DatasetIterator:
+  """An endless, checkpointable iterator of host batches of one shard.
+
+  Args:
+    data: the split.
+    keys: the shard's records.
+    shard: the shard (process) index.
+    batch_size: images per batch of this process.
+    config: the experiment config.
+  """
+  if config.input.interpolation != INTERPOLATION:
+    raise ValueError(
+        'input.augment_on_device resamples bilinearly only; got '
+        f'input.interpolation={config.input.interpolation!r}.')
+  # Batches are cheap gathers: built in this process, ahead by a thread.
+  ds = grain.MapDataset.range(2 ** 62).map_with_index(
+      HostBatches(data, keys, shard, batch_size, config))
+  return ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=1,
+      prefetch_buffer_size=config.data.prefetch_buffer_size)).__iter__()
 
 
 @dataclasses.dataclass(frozen=True)

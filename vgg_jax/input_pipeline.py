@@ -53,9 +53,8 @@ split, with the same guarantees, and labels are remapped to ``0..k-1``.
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import grain
 import jax
@@ -68,6 +67,7 @@ from vgg_jax import datasets
 from vgg_jax import decoding
 from vgg_jax import device_augment
 from vgg_jax import preprocessing
+from vgg_jax import splits
 from vgg_jax import workers
 from vgg_jax.datasets import DatasetInfo
 from vgg_jax.datasets import subsets
@@ -107,32 +107,10 @@ def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   return _prepared_builder(config)[1]
 
 
-class _Split(NamedTuple):
-  """The records of a split that a pipeline reads.
-
-  Attributes:
-    name: the split.
-    info: the dataset (or class subset) info.
-    source: random access to the whole split.
-    records: indices in ``source`` read, ascending: all of them, or those of
-      the class subset.
-    label_map: dataset label -> label read; None: unchanged.
-  """
-  name: str
-  info: DatasetInfo
-  source: datasets.ArrayRecordSource
-  records: Sequence[int]
-  label_map: np.ndarray | None
-
-  def label(self, record: dict[str, Any]) -> np.int32:
-    label = record[self.info.label_key]
-    return np.int32(label if self.label_map is None else self.label_map[label])
-
-
-def _split(config: ml_collections.ConfigDict, split: str) -> _Split:
+def _split(config: ml_collections.ConfigDict, split: str) -> splits.Split:
   builder, info = _prepared_builder(config)
   source = datasets.data_source(builder, split, info)
-  return _Split(split, info, source, subsets.subset_records(source, info),
+  return splits.Split(split, info, source, subsets.subset_records(source, info),
                 subsets.label_map(info))
 
 
@@ -190,19 +168,6 @@ def _multiprocess(ds: grain.IterDataset, config: ml_collections.ConfigDict,
                           buffer_size=config.data.prefetch_buffer_size)
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, shard: int, epoch: int, size: int) -> np.ndarray:
-  """The order in which shard ``shard`` of ``size`` records is read."""
-  # A full permutation per epoch (5 MB and well under a second for
-  # ImageNet's 1.28M), computed once per epoch and process, makes each lookup
-  # O(1); Grain's index_shuffle costs up to a millisecond per lookup on small
-  # datasets. The spawn key keeps this stream apart from the examples' own.
-  rng = np.random.default_rng(
-      np.random.SeedSequence(seed, spawn_key=(shard, epoch)))
-  dtype = np.int32 if size < 2**31 else np.int64
-  return rng.permutation(size).astype(dtype)
-
-
 class DecodedCache:
   """Decoded training images of one process, up to a byte budget.
 
@@ -243,7 +208,7 @@ class _TrainExample:
   ``(seed, record, epoch)``.
   """
 
-  def __init__(self, data: _Split, keys: Sequence[int], shard: int,
+  def __init__(self, data: splits.Split, keys: Sequence[int], shard: int,
                config: ml_collections.ConfigDict):
     self._data = data
     self._keys = keys
@@ -262,7 +227,7 @@ class _TrainExample:
   def __call__(self, index: int, _
                ) -> dict[str, Any] | bad_records.SkippedRecord:
     epoch, position = divmod(index, len(self._keys))
-    order = _epoch_order(self._seed, self._shard, epoch, len(self._keys))
+    order = splits.epoch_order(self._seed, self._shard, epoch, len(self._keys))
     key = int(self._keys[int(order[position])])
     rng = np.random.default_rng((self._seed, key, epoch))
     scale = int(rng.integers(self._scale_min, self._scale_max + 1))
@@ -295,55 +260,6 @@ class _TrainExample:
       image = preprocessing.apply_color_shift(
           image, preprocessing.pca_color_shift(rng, self._pca_sigma))
     return np.asarray(image)
-
-
-class _DeviceAugmentBatch:
-  """Builds host batch ``index`` for `device_augment` (no resampling here).
-
-  Batch ``index`` holds stream positions ``index * B ... index * B + B - 1``,
-  mapped to records as in `_TrainExample` (the same epoch order).
-  """
-
-  def __init__(self, data: _Split, keys: Sequence[int], shard: int,
-               batch_size: int, config: ml_collections.ConfigDict):
-    self._keys = np.asarray(keys, np.int32)
-    self._shard_images = device_augment.InMemoryShard(
-        functools.partial(_encoded_and_label, data), keys,
-        config.data.cache_decoded_mb, config.input.max_image_pixels)
-    self._shard, self._batch, self._seed = shard, batch_size, config.seed
-    self._shard_images.decode_ahead(
-        _epoch_order(self._seed, shard, 0, len(keys)))
-
-  def __call__(self, index: int, _) -> dict[str, np.ndarray]:
-    epochs, positions = np.divmod(
-        np.arange(index * self._batch, (index + 1) * self._batch),
-        len(self._keys))
-    for epoch in np.unique(epochs):
-      order = _epoch_order(self._seed, self._shard, int(epoch),
-                           len(self._keys))
-      positions[epochs == epoch] = order[positions[epochs == epoch]]
-    images, labels = self._shard_images.gather(positions)
-    return {'image': images, 'label': labels,
-            'record': self._keys[positions],
-            'epoch': epochs.astype(np.int32)}
-
-
-def _encoded_and_label(data: _Split, key: int) -> tuple[bytes, np.int32]:
-  record = data.source[key]
-  return record[data.info.image_key], data.label(record)
-
-
-def _device_augment_iterator(data: _Split, keys: Sequence[int], shard: int,
-                             batch_size: int,
-                             config: ml_collections.ConfigDict):
-  if config.input.interpolation != device_augment.INTERPOLATION:
-    raise ValueError(
-        'input.augment_on_device resamples bilinearly only; got '
-        f'input.interpolation={config.input.interpolation!r}.')
-  # Batches are cheap gathers: built in this process, ahead by a thread.
-  ds = grain.MapDataset.range(2 ** 62).map_with_index(
-      _DeviceAugmentBatch(data, keys, shard, batch_size, config))
-  return ds.to_iter_dataset(_read_options(1, config.data.prefetch_buffer_size))
 
 
 def create_train_iterator(config: ml_collections.ConfigDict, *,
@@ -379,8 +295,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
     raise ValueError(f'Split {data.name!r} has {len(data.records)} examples, '
                      f'too few for {count} processes.')
   if config.input.augment_on_device:
-    return _device_augment_iterator(data, keys, index, batch,
-                                    config).__iter__()
+    return device_augment.train_iterator(data, keys, index, batch, config)
   # The transform maps stream positions to records (see _TrainExample).
   ds = grain.MapDataset.range(len(keys)).repeat()
   ds = ds.map_with_index(_TrainExample(data, keys, index, config))
@@ -403,7 +318,7 @@ def source_image_shape(config: ml_collections.ConfigDict,
     split: the split (default ``config.data.train_split``).
   """
   data = _split(config, split or config.data.train_split)
-  encoded, _ = _encoded_and_label(data, int(data.records[0]))
+  encoded, _ = data.encoded_and_label(int(data.records[0]))
   image = decoding.decode(encoded, max_pixels=config.input.max_image_pixels)
   return np.asarray(image).shape
 
@@ -411,7 +326,7 @@ def source_image_shape(config: ml_collections.ConfigDict,
 class _EvalExample:
   """Reads example ``index`` of the split's records (padding beyond them)."""
 
-  def __init__(self, data: _Split, *, scale: int, mode: str,
+  def __init__(self, data: splits.Split, *, scale: int, mode: str,
                config: ml_collections.ConfigDict):
     self._data = data
     self._scale = scale
