@@ -1,4 +1,4 @@
-"""Rescale-crop-flip on the device equals the host's PIL path; its batches."""
+"""Rescale-crop-flip on the device equals the host's PIL path; in-memory batches."""
 
 import functools
 
@@ -12,6 +12,7 @@ from PIL import Image
 
 from vgg_jax import decoding
 from vgg_jax import device_augment
+from vgg_jax import in_memory
 from vgg_jax import input_pipeline
 from vgg_jax import preprocessing
 from vgg_jax import steps
@@ -160,7 +161,7 @@ def test_unreadable_images_and_images_of_another_size_are_named():
   files = {7: testing.encode(np.zeros((8, 8, 3), np.uint8)),
            9: testing.encode(np.zeros((8, 9, 3), np.uint8)),
            11: b'not an image'}
-  shard = device_augment.InMemoryShard(
+  shard = in_memory.InMemoryShard(
       lambda key: (files[key], np.int32(0)), [7, 9, 11], 1.0, 10 ** 6)
   with pytest.raises(ValueError, match=r'record 9 is \(8, 9, 3\), the first '
                      r'\(8, 8, 3\)'):

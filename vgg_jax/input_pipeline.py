@@ -28,7 +28,8 @@ Evaluation batch::
                                   # (0, 0) where mask is False
 
 With ``config.input.augment_on_device`` a training batch holds the source
-images instead, and the train step cuts the crops (`device_augment`)::
+images instead (`in_memory`), and the train step cuts the crops
+(`device_augment`)::
 
     {'image': uint8 (B, H, W, 3), 'label': int32 (B,),
      'record': int32 (B,), 'epoch': int32 (B,)}
@@ -65,7 +66,7 @@ from PIL import Image
 from vgg_jax import bad_records
 from vgg_jax import datasets
 from vgg_jax import decoding
-from vgg_jax import device_augment
+from vgg_jax import in_memory
 from vgg_jax import preprocessing
 from vgg_jax import splits
 from vgg_jax import workers
@@ -295,7 +296,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
     raise ValueError(f'Split {data.name!r} has {len(data.records)} examples, '
                      f'too few for {count} processes.')
   if config.input.augment_on_device:
-    return device_augment.train_iterator(data, keys, index, batch, config)
+    return in_memory.train_iterator(data, keys, index, batch, config)
   # The transform maps stream positions to records (see _TrainExample).
   ds = grain.MapDataset.range(len(keys)).repeat()
   ds = ds.map_with_index(_TrainExample(data, keys, index, config))
