@@ -3,7 +3,7 @@
 The embedded default dataset (Debian package `dataset-fashion-mnist`, prepared
 once into TFDS array_record files). Net A with batch norm at 1/8 width, images
 rescaled so the smallest side S is drawn from [32, 36] per image, random 32x32
-crops and flips, SGD with momentum and the plateau schedule checked every half
+crops and flips, SGD with momentum and the plateau schedule checked every
 epoch; validation on the test split at Q = 32 (the whole image).
 
 Command (sets up everything on a fresh machine)::
@@ -14,7 +14,7 @@ or, once installed::
 
     python -m vgg_jax.main --config=configs/quickstart.py --workdir=workdirs/quickstart
 
-Expected: 88.7-90.8% test top-1 after 7 epochs (seeds 0-2), about 3.5
+Expected: 90.3-91.0% test top-1 after 8 epochs (seeds 0-2), about 3.3
 minutes wall on a 2-core CPU once set up (measured; README.md).
 """
 
@@ -29,7 +29,7 @@ def get_config():
   config.model.width_multiplier = 0.125  # 8..64 conv channels, FC 512
   config.model.fc6_kernel = 1  # 32 px crops give a 1x1 map after 5 pools
   config.model.init = 'he'  # suits BN + ReLU; std 0.01 is the paper's
-  config.model.dropout_rate = 0.25  # a net this narrow underfits with 0.5
+  config.model.dropout_rate = 0.1  # a net this narrow, trained this briefly, underfits with 0.5
 
   config.data.dataset = 'fashion_mnist'  # the embedded default
   config.data.train_split = 'train'  # 60k images
@@ -51,12 +51,12 @@ def get_config():
 
   config.train.batch_size = 128  # global batch
   config.train.eval_batch_size = 500  # divides the 10k test images
-  config.train.num_epochs = 7.0  # upper bound; 3,276 steps
+  config.train.num_epochs = 8.0  # upper bound; 3,744 steps
   config.train.learning_rate = 0.05  # initial learning rate (BN allows more)
-  config.train.plateau_patience = 2  # half-epoch evaluations without gain before x0.1
+  config.train.plateau_patience = 1  # an epoch without gain: x0.1
   config.train.plateau_min_delta = 0.002  # top-1 gains below 0.2% are a plateau
   config.train.plateau_max_drops = 2  # two drops fit in the budget
-  config.train.eval_every_steps = 234  # every half epoch
+  config.train.eval_every_steps = 468  # every epoch: half-epoch checks cost time and drop on noise
   config.train.log_every_steps = 100  # training-metric period
-  config.train.checkpoint_every_steps = 234  # with every validation
+  config.train.checkpoint_every_steps = 468  # with every validation
   return config
