@@ -75,7 +75,7 @@ class InMemoryShard:
   def decode_ahead(self, order: np.ndarray) -> None:
     """Decodes the shard in ``order`` in a daemon thread, from now on.
 
-    Started with the iterator, it overlaps most of the first epoch's
+    Started with the first batch, it overlaps most of the first epoch's
     decoding with the compilation of the train step. A record it cannot
     store stops it: ``gather`` then meets the record and raises.
     """
@@ -111,13 +111,19 @@ class HostBatches:
         data.encoded_and_label, keys,
         config.data.cache_decoded_mb, config.input.max_image_pixels)
     self._shard, self._batch, self._seed = shard, batch_size, config.seed
-    self._shard_images.decode_ahead(
-        splits.epoch_order(self._seed, shard, 0, len(keys)))
+    self._decoding_ahead = False
 
   def __call__(self, index: int, _) -> dict[str, np.ndarray]:
     epochs, positions = np.divmod(
         np.arange(index * self._batch, (index + 1) * self._batch),
         len(self._keys))
+    if not self._decoding_ahead:
+      # From the first batch asked for, in its epoch's order: training then
+      # waits for the step's compilation (no Python to compete with for the
+      # GIL), where earlier the decoding slowed the model's creation.
+      self._decoding_ahead = True
+      self._shard_images.decode_ahead(splits.epoch_order(
+          self._seed, self._shard, int(epochs[0]), len(self._keys)))
     for epoch in np.unique(epochs):
       order = splits.epoch_order(self._seed, self._shard, int(epoch),
                                  len(self._keys))
