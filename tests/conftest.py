@@ -17,8 +17,10 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
+import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax import export
 
@@ -154,6 +156,19 @@ TINY_FIELDS = ('data.manual_dir', 'data.data_dir', 'data.num_workers',
                'train.eval_batch_size', 'train.max_steps',
                'train.log_every_steps', 'train.eval_every_steps',
                'train.checkpoint_every_steps', 'train.learning_rate')
+
+
+def restore_iterator_state(iterator, restored, directory):
+  """Saves ``iterator``'s position through Orbax, as training does, and
+  restores it into ``restored`` (a fresh iterator of the same config)."""
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(0, args=ocp.args.Composite(
+      data=grain.checkpoint.CheckpointSave(iterator)))
+  manager.wait_until_finished()
+  manager.restore(0, args=ocp.args.Composite(
+      data=grain.checkpoint.CheckpointRestore(restored)))
+  manager.close()
 
 
 def one_error_line(capsys):

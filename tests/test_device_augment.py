@@ -2,11 +2,10 @@
 
 import functools
 
-import grain
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from conftest import restore_iterator_state
 from conftest import train_straight_and_split
 from PIL import Image
 
@@ -130,19 +129,12 @@ def test_a_restored_iterator_continues_the_stream(tiny_config, tmp_path):
   config = _config(tiny_config)
   iterator = input_pipeline.create_train_iterator(config)
   _take(iterator, 9)
-  manager = ocp.CheckpointManager(
-      tmp_path / 'ckpt', options=ocp.CheckpointManagerOptions(create=True))
-  manager.save(9, args=ocp.args.Composite(
-      data=grain.checkpoint.CheckpointSave(iterator)))
-  manager.wait_until_finished()
-  want = _take(iterator, 3)  # crosses into the second epoch
   restored = input_pipeline.create_train_iterator(config)
-  manager.restore(9, args=ocp.args.Composite(
-      data=grain.checkpoint.CheckpointRestore(restored)))
+  restore_iterator_state(iterator, restored, tmp_path / 'ckpt')
+  want = _take(iterator, 3)  # crosses into the second epoch
   for a, b in zip(want, _take(restored, 3)):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
-  manager.close()
 
 
 def test_clear_errors_for_what_the_device_path_cannot_do(tiny_config):

@@ -1,10 +1,9 @@
 """Training and evaluation pipelines on small image folders written here."""
 
-import grain
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
+from conftest import restore_iterator_state
 
 from vgg_jax import input_pipeline
 from vgg_jax import preprocessing
@@ -220,22 +219,15 @@ def test_checkpoint_restore_through_orbax(ramp_root, data_dir, tmp_path):
   iterator = input_pipeline.create_train_iterator(config)
   for _ in range(5):
     next(iterator)
-  manager = ocp.CheckpointManager(
-      tmp_path / 'ckpt', options=ocp.CheckpointManagerOptions(create=True))
-  manager.save(5, args=ocp.args.Composite(
-      data=grain.checkpoint.CheckpointSave(iterator)))
-  manager.wait_until_finished()
+  restored = input_pipeline.create_train_iterator(config)
+  restore_iterator_state(iterator, restored, tmp_path / 'ckpt')
   want = _batches(iterator, 6)  # crosses into the third epoch
   fresh = input_pipeline.create_train_iterator(config)
-  restored = input_pipeline.create_train_iterator(config)
-  manager.restore(5, args=ocp.args.Composite(
-      data=grain.checkpoint.CheckpointRestore(restored)))
   got = _batches(restored, 6)
   for a, b in zip(want, got):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
   assert not np.array_equal(_batches(fresh, 1)[0]['image'], want[0]['image'])
-  manager.close()
 
 
 def test_worker_process_gives_the_in_process_batches(tmp_path, data_dir):

@@ -137,6 +137,7 @@ def test_end_to_end_writes_metrics_and_checkpoints(tiny_config, tmp_path,
                                                    monkeypatch):
   tiny_config.train.max_steps = 8
   tiny_config.train.eval_every_steps = 4
+  tiny_config.train.plateau_patience = 2  # two validations: no drop yet
   workdir = tmp_path / 'run'
   monkeypatch.chdir(tmp_path)  # a relative workdir, as users type it
   summary = train.train_and_evaluate(tiny_config, 'run')
