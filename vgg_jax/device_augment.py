@@ -75,12 +75,13 @@ class Augmentation:
     k_scale, k_top, k_left, k_flip, k_shift = jax.random.split(key, 5)
     scale = jax.random.randint(k_scale, (), self.scale_min,
                                self.scale_max + 1)
+    # The rescaled (height, width) of every S, from the host path's own
+    # rounding: the source size is static, so this is a constant table.
     height, width = image_hw
-    # preprocessing.rescaled_size: the smallest side becomes S exactly.
-    longer = jnp.maximum(
-        scale, jnp.round(max(height, width) * scale / min(height, width)))
-    size = (jnp.stack([scale, longer]) if height <= width else
-            jnp.stack([longer, scale])).astype(jnp.int32)
+    sizes = jnp.array([preprocessing.rescaled_size((width, height), s)[::-1]
+                       for s in range(self.scale_min, self.scale_max + 1)],
+                      jnp.int32)
+    size = sizes[scale - self.scale_min]
     top = jax.random.randint(k_top, (), 0, size[0] - self.crop_size + 1)
     left = jax.random.randint(k_left, (), 0, size[1] - self.crop_size + 1)
     flip = jax.random.bernoulli(k_flip) & self.random_flip

@@ -84,16 +84,19 @@ class InMemoryShard:
 
   def _decode_all(self, order: np.ndarray) -> None:
     try:
-      for position in order:
-        if not self._ready[position]:
-          self._store(int(position), *self._decode(int(position)))
+      self._fill(order)
     except Exception:  # pylint: disable=broad-except
       pass  # reported by gather, in the training loop
 
+  def _fill(self, positions: np.ndarray) -> None:
+    """Decodes and stores those of ``positions`` not decoded yet."""
+    for position in positions:
+      if not self._ready[position]:
+        self._store(int(position), *self._decode(int(position)))
+
   def gather(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The images ``(N, H, W, 3)`` and labels ``(N,)`` at these positions."""
-    for position in positions[~self._ready[positions]]:
-      self._store(int(position), *self._decode(int(position)))
+    self._fill(positions)
     return self._images[positions], self._labels[positions]
 
 
