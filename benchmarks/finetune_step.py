@@ -25,13 +25,18 @@ import sys
 import time
 from typing import Any, Sequence
 
-import jax
-import numpy as np
-
 # Runnable as `python benchmarks/finetune_step.py` from a checkout that is
 # not pip-installed; train_step (this directory) has the timing helpers.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from vgg_jax import host_memory
+
+if __name__ == '__main__':
+  # Before JAX is imported, so it runs as vgg_jax's programs do.
+  host_memory.reexec_with_huge_pages()
+
+import jax
+import numpy as np
 from benchmarks import machine
 from benchmarks import train_step
 from vgg_jax import finetune

@@ -11,11 +11,16 @@ import pathlib
 import sys
 import time
 
-import jax
-from flax import nnx
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from vgg_jax import host_memory
+
+if __name__ == '__main__':
+  # Before JAX is imported, so it runs as vgg_jax's programs do.
+  host_memory.reexec_with_huge_pages()
+
+import jax
+from flax import nnx
 from vgg_jax import models
 # pylint: enable=g-import-not-at-top,wrong-import-position
 

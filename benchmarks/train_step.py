@@ -9,7 +9,10 @@ Beside it, in the same process, twins of the same net (``peers.py``): Keras 3
 trained by ``model.train_on_batch`` on TensorFlow with XLA ``jit_compile``
 off and on, and PyTorch eager (channels_last) when torch is installed (the
 ``bench`` extra); each peer row gives ``vgg_jax / peer``, the ratio of
-images/s. One large ``jnp`` matmul's FLOP/s is the yardstick.
+images/s. One large ``jnp`` matmul's FLOP/s is the yardstick. Like
+vgg_jax's programs, the script re-executes itself with huge-page ``malloc``
+where that helps (``vgg_jax.host_memory``; ``VGG_JAX_HUGE_PAGES=0`` keeps
+it off), and the peers, in the same process, run with it too.
 
 FLOP convention: one training image costs 3 x the forward FLOPs (backward is
 about twice the forward), and forward FLOPs = 2 x ``models.count_macs`` (convs
@@ -44,14 +47,19 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 # Runnable as `python benchmarks/train_step.py` from a checkout that is not
 # pip-installed (e.g. a fresh GPU machine).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from vgg_jax import host_memory
+
+if __name__ == '__main__':
+  # Before JAX is imported, so it runs as vgg_jax's programs do.
+  host_memory.reexec_with_huge_pages()
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 from benchmarks import machine
 from benchmarks import peers
 from vgg_jax import models
@@ -410,6 +418,7 @@ def main(argv: Sequence[str]) -> None:
   command = [os.path.basename(sys.executable), *sys.argv]
   print(f'# command: {shlex.join(command)}')
   print(f'# host CPU: {machine.describe()}')
+  print(f'# {host_memory.describe()}')
   print(f'# JAX {jax.__version__} backend {jax.default_backend()}: '
         f'{len(devices)} x {devices[0].device_kind}')
   loads = machine.wait_for_quiet_machine(args.max_load, args.load_retries,
@@ -436,7 +445,7 @@ def main(argv: Sequence[str]) -> None:
     print(f'# matmul yardstick {dtype}: {flops / 1e12:.3f} TFLOP/s')
 
   print()
-  print(f'CPU: {machine.describe()}')
+  print(f'CPU: {machine.describe()}; {host_memory.describe()}')
   print(format_table(rows, matmul, args.peak_tflops))
   print()
   print(f'# {args.steps} timed steps after {args.warmup} warm-up step(s), '

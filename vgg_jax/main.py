@@ -20,6 +20,14 @@ crashed or hung), instead of waiting in a collective for ever. The workdir
 then resumes from its latest checkpoint when all processes are restarted.
 """
 
+from vgg_jax import host_memory
+
+if __name__ == '__main__':
+  # First, before JAX is imported: glibc reads its tunables only when a
+  # process starts (see host_memory).
+  host_memory.reexec_with_huge_pages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import platform
 import sys
 
@@ -73,6 +81,7 @@ def _log_environment() -> None:
   logging.info('process %d of %d; %d local / %d global devices: %s',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.devices())
+  logging.info(host_memory.describe())
 
 
 def main(flag_values: flags.FlagValues) -> int:

@@ -37,6 +37,14 @@ are read from the centre crop (docs/paper.md, Sec. 3).
 
 from __future__ import annotations
 
+from vgg_jax import host_memory
+
+if __name__ == '__main__':
+  # First, before JAX is imported: glibc reads its tunables only when a
+  # process starts (see host_memory).
+  host_memory.reexec_with_huge_pages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import math
 import time
