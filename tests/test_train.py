@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import train_straight_and_split
 
@@ -93,6 +94,20 @@ def test_create_train_state_is_typed_and_sharded(tiny_config):
   batch = dict(_fixed_batch(8), mask=jnp.ones(8, bool))
   a, b = ev(state, batch), ev(state, batch)
   assert float(a['count']) == 8 and float(a['loss']) == float(b['loss'])
+
+
+def test_sharded_model_equals_create_model_bit_for_bit(tiny_config):
+  # Both compile the initialiser with the same options, so a run's weights
+  # do not depend on which of the two made them.
+  tiny_config.model.name = 'vgg11_bn'
+  sharded = steps.create_sharded_model(tiny_config, sharding.create_mesh())
+  plain = steps.create_model(tiny_config)
+  leaves = [jax.tree.leaves_with_path(nnx.state(m)) for m in (plain, sharded)]
+  assert [p for p, _ in leaves[0]] == [p for p, _ in leaves[1]]
+  for (path, a), (_, b) in zip(*leaves):
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
 def test_topk_correct_counts_ties_for_the_label():

@@ -14,6 +14,7 @@ accelerator host can run it without TensorFlow or Grain
 import concurrent.futures
 import dataclasses
 import functools
+import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -157,27 +158,33 @@ def create_model(config: ml_collections.ConfigDict) -> models.VGG:
       **models.ModelOptions.from_config(config.model).as_dict())
 
 
-def _create_constrained(config: ml_collections.ConfigDict,
-                        shardings: Any) -> models.VGG:
-  model = create_model(config)
-  nnx.update(model, jax.lax.with_sharding_constraint(nnx.state(model),
-                                                     shardings))
-  return model
+def _model_state(config: ml_collections.ConfigDict) -> nnx.State:
+  return nnx.state(create_model(config))
 
 
 def create_sharded_model(config: ml_collections.ConfigDict,
                          mesh: Mesh) -> models.VGG:
   """``create_model`` with every array created directly with its sharding.
 
+  Compiled with ``models.init_compiler_options``, as ``create_model`` alone
+  is: inside this program the initialiser takes the outer program's options,
+  and XLA:CPU's default optimisation of it cost the quickstart 3 s of
+  start-up.
+
   Args:
     config: the run config (``train.shard_params`` chooses FSDP-style
       splitting over replication, see ``vgg_jax.sharding``).
     mesh: the device mesh.
   """
-  abstract = nnx.eval_shape(functools.partial(create_model, config))
-  shardings = sharding.tree_shardings(nnx.state(abstract), mesh,
+  graphdef, abstract = nnx.split(
+      nnx.eval_shape(functools.partial(create_model, config)))
+  shardings = sharding.tree_shardings(abstract, mesh,
                                       config.train.shard_params)
-  return nnx.jit(functools.partial(_create_constrained, config, shardings))()
+  size = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
+  initialise = jax.jit(functools.partial(_model_state, config),
+                       out_shardings=shardings).lower().compile(
+                           compiler_options=models.init_compiler_options(size))
+  return nnx.merge(graphdef, initialise())
 
 
 def create_train_state(
