@@ -14,7 +14,7 @@ or, once installed::
 
     python -m vgg_jax.main --config=configs/quickstart.py --workdir=workdirs/quickstart
 
-Expected: 90.3-91.0% test top-1 after 8 epochs (seeds 0-2), about 3.5
+Expected: 90.8-91.2% test top-1 after 8 epochs (seeds 0-2), about 3
 minutes wall on a 2-core CPU once set up (measured; README.md).
 """
 
