@@ -132,9 +132,16 @@ def load_config(path: str | None):
   return module.get_config()
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  """Command-line options; ``None`` defaults depend on the backend/config."""
-  p = _parser()
+def parse_args(argv: Sequence[str],
+               parser: argparse.ArgumentParser | None = None
+               ) -> argparse.Namespace:
+  """Command-line options; ``None`` defaults depend on the backend/config.
+
+  Args:
+    argv: the arguments.
+    parser: ``_parser()`` with a script's own options added (default: it).
+  """
+  p = parser or _parser()
   args = p.parse_args(argv)
   accel = jax.default_backend() != 'cpu'
   if args.require_accelerator and not accel:

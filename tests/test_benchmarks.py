@@ -32,6 +32,40 @@ def test_train_step_benchmark_prints_ratios_and_the_machine():
   assert float(keras_row.group(1)) > 0
 
 
+def test_step_profile_lists_the_ops_the_step_spends_its_time_in():
+  run = subprocess.run(
+      [sys.executable, 'benchmarks/step_profile.py',
+       '--config=configs/quickstart.py', '--width_multiplier=0.0625',
+       '--batch_size=4', '--steps=2', '--warmup=0', '--top=5',
+       '--load_retries=0'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  out = run.stdout
+  summed = re.search(r'XLA op time summed per step: (\d+\.\d+) ms', out)
+  assert summed and float(summed.group(1)) > 0, out
+  # Five op rows; the convolutions' with their shapes from the compiled HLO
+  # (a while loop's tuple of shapes is left out).
+  ops = re.findall(r'^\| (\S+) \| (\d+\.\d+) \| (.*) \|$', out, re.M)
+  assert len(ops) == 5, out
+  assert any(re.fullmatch(r'f32\[\S* <- f32\[.*', shapes)
+             for _, _, shapes in ops)
+  times = [float(t) for _, t, _ in ops]
+  assert times == sorted(times, reverse=True) and times[0] > 0
+
+
+def test_op_kinds_and_shapes_read_the_profile_and_hlo():
+  from benchmarks import step_profile  # pylint: disable=g-import-not-at-top
+  times = {'ynn_fusion.3': 5, 'ynn_fusion': 1, 'copy.12': 2, 'dot_general': 4}
+  assert step_profile.op_kinds(times) == {'ynn_fusion': 6, 'copy': 2,
+                                          'dot_general': 4}
+  hlo = ('  %p.1 = f32[8,4]{1,0} parameter(0)\n'
+         '  %w = f32[4,2]{1,0} parameter(1)\n'
+         '  %dot.5 = f32[8,2]{1,0} dot(%p.1, %w), lhs_contracting_dims={1}\n')
+  assert step_profile.op_shapes(hlo, 'dot.5') == (
+      'f32[8,2]{1,0} <- f32[8,4]{1,0}, f32[4,2]{1,0}')
+  assert step_profile.op_shapes(hlo, 'missing') == ''
+
+
 def test_bad_peer_is_one_clear_error():
   run = subprocess.run(
       [sys.executable, 'benchmarks/train_step.py', '--peers=caffe'],
