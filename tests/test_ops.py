@@ -39,7 +39,8 @@ def _random(shape, seed):
 # and cpu_conv.
 CONV_CASES = [
     (2, 2, 32, 16, 3, 'SAME'),  # 2x2 map: patches GEMM all three ways
-    (2, 28, 64, 8, 3, 'SAME'),  # wide, large map: per-tap GEMM kernel grad
+    (2, 28, 64, 8, 3, 'SAME'),  # wide, large map: per-row GEMM kernel grad
+    (2, 28, 64, 8, 3, ((0, 2), (1, 0))),  # the same, uneven padding
     (3, 8, 3, 8, 3, 'SAME'),  # first layer, XLA's own conv
     (2, 5, 20, 16, 3, 'SAME'),  # odd map, XLA's own conv
     (2, 7, 16, 32, 7, 'VALID'),  # FC-6 on a training crop: one matmul

@@ -11,7 +11,7 @@ values and gradients are identical (``tests/test_ops.py``).
 ``conv_general_dilated`` (what ``models`` hands to ``nnx.Conv``) writes the
 stride-1 convolutions of VGG as XLA:CPU runs them fastest: FC layers on a
 training crop as the matrix products they are, kernel gradients of wide
-layers on large maps as one GEMM per kernel tap, and convolutions on maps
+layers on large maps as one GEMM per kernel row, and convolutions on maps
 of a few pixels as patches times kernel; the rest stays XLA's own. The
 values and gradients equal XLA's up to the order of summation.
 
@@ -88,7 +88,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 # and for the input gradient: XLA:CPU's own kernels for the 2x2 maps of a
 # 32-pixel crop ran 6x slower (BENCHMARKS.md, "Where the CPU time went").
 SMALL_MAP_PIXELS = 4
-# Layers whose kernel gradient is one GEMM per kernel tap: XLA:CPU's own
+# Layers whose kernel gradient is one GEMM per kernel row: XLA:CPU's own
 # ran up to 3.2x slower on VGG's wide, large maps (8x112x112x64 -> 128),
 # but faster on narrow or small ones, so only from both of these up.
 GEMM_DW_MIN_CHANNELS = 64
@@ -140,16 +140,24 @@ def _gemm_dx(dy: jax.Array, w: jax.Array, pads: Pads) -> jax.Array:
 
 def _gemm_dw(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int],
              pads: Pads) -> jax.Array:
-  """Kernel gradient, one ``dy^T @ shifted x`` GEMM per kernel tap."""
+  """Kernel gradient, one GEMM per kernel row.
+
+  The input's ``kw`` column shifts side by side (``kw * C`` channels) make
+  each kernel row's gradient one ``(kw * C, N * H' * W') @ dy`` product:
+  ``kh`` GEMMs instead of one per tap, and ``kh`` slices of the padded input
+  instead of ``kh * kw``, 2-5% of VGG-A's and VGG-D's step (BENCHMARKS.md).
+  """
   kh, kw = kernel_hw
+  c = x.shape[-1]
   x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
   oh, ow = dy.shape[1], dy.shape[2]
-  dy_t = dy.reshape(-1, dy.shape[-1]).T
-  taps = [jnp.dot(dy_t, x[:, i:i + oh, j:j + ow, :].reshape(-1, x.shape[-1]),
-                  preferred_element_type=x.dtype)
-          for i in range(kh) for j in range(kw)]
-  return jnp.stack(taps).reshape(kh, kw, dy.shape[-1], x.shape[-1]
-                                 ).swapaxes(2, 3)
+  columns = jnp.concatenate([x[:, :, j:j + ow, :] for j in range(kw)], -1)
+  dy = dy.reshape(-1, dy.shape[-1])
+  rows = [lax.dot_general(columns[:, i:i + oh].reshape(-1, kw * c), dy,
+                          (((0,), (0,)), ((), ())),
+                          preferred_element_type=x.dtype)
+          for i in range(kh)]
+  return jnp.stack(rows).reshape(kh, kw, c, dy.shape[-1])
 
 
 def _plan(x_shape, w_shape) -> tuple[bool, bool, bool]:
