@@ -361,10 +361,14 @@ class Trainer:
     self.state, metrics, loss = self.train_step(self.state, batch,
                                                 np.float32(lr))
     compiling = self.train_step.waited - compiling
-    if compiling:  # start-up, not throughput: logged apart
-      window.exclude(compiling)
-      logging.info('Waited %.1f s for the train step\'s compilation.',
-                   compiling)
+    if compiling:
+      # Start-up, not throughput: logged apart, with the wait for this first
+      # batch, which was read while the step compiled in the background.
+      window.exclude(compiling + data_wait)
+      logging.info('Waited %.1f s for the train step\'s compilation (and '
+                   'before it %.1f s for the first batch, read meanwhile).',
+                   compiling, data_wait)
+      data_wait = 0.0
     self.step += 1
     window.add(metrics, self.config.train.batch_size, data_wait,
                int(np.sum(local.get('skipped', 0))))
