@@ -145,7 +145,7 @@ def _gemm_dw(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int],
   The input's ``kw`` column shifts side by side (``kw * C`` channels) make
   each kernel row's gradient one ``(kw * C, N * H' * W') @ dy`` product:
   ``kh`` GEMMs instead of one per tap, and ``kh`` slices of the padded input
-  instead of ``kh * kw``, 2-5% of VGG-A's and VGG-D's step (BENCHMARKS.md).
+  instead of ``kh * kw``: 2-5% off VGG-A's and VGG-D's step (BENCHMARKS.md).
   """
   kh, kw = kernel_hw
   c = x.shape[-1]
