@@ -15,8 +15,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from vgg_jax import host_memory
 
-if __name__ == '__main__':
-  # Before JAX is imported, so it runs as vgg_jax's programs do.
+if __name__ == '__main__':  # before JAX, as vgg_jax's programs do
   host_memory.reexec_with_huge_pages()
 
 import jax

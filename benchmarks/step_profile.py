@@ -15,6 +15,7 @@ BENCHMARKS.md ("Where the CPU time went", "Huge pages") was found this way.
 from __future__ import annotations
 
 import collections
+import functools
 import pathlib
 import re
 import sys
@@ -25,8 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from vgg_jax import host_memory
 
-if __name__ == '__main__':
-  # Before JAX is imported, so it runs as vgg_jax's programs do.
+if __name__ == '__main__':  # before JAX, as vgg_jax's programs do
   host_memory.reexec_with_huge_pages()
 
 import jax
@@ -73,18 +73,29 @@ def op_kinds(times: collections.Counter) -> collections.Counter:
 
 def op_shapes(hlo_text: str, name: str) -> str:
   """``result <- operand, operand`` shapes of op ``name`` in an HLO text."""
-  shapes = dict(re.findall(r'%([\w.\-]+) = (\S+) ', hlo_text))
-  found = re.search(r'%' + re.escape(name) + r' = (\S+) [\w\-]+\(([^)]*)\)',
-                    hlo_text)
-  if not found:
+  shapes, operands = _definitions(hlo_text)
+  if name not in operands:
     return ''
-  operands = [o.strip().lstrip('%') for o in found.group(2).split(',')]
-  return f'{found.group(1)} <- ' + ', '.join(
-      shapes.get(o, o) for o in operands[:3] if o)
+  return f'{shapes[name]} <- ' + ', '.join(
+      shapes.get(o, o) for o in operands[name][:3])
+
+
+@functools.lru_cache(maxsize=1)
+def _definitions(hlo_text: str) -> tuple[dict[str, str], dict[str, list]]:
+  """Every op's result shape, and the operands of single-result ops.
+
+  Parsed once per HLO text: the table lists a few dozen ops of it.
+  """
+  shapes = dict(re.findall(r'%([\w.\-]+) = (\S+) ', hlo_text))
+  operands = {
+      name: [o.strip().lstrip('%') for o in args.split(',') if o.strip()]
+      for name, args in re.findall(
+          r'%([\w.\-]+) = \S+ [\w\-]+\(([^)]*)\)', hlo_text)}
+  return shapes, operands
 
 
 def _parser():
-  p = train_step._parser()  # pylint: disable=protected-access
+  p = train_step.make_parser()
   p.description = __doc__.split('\n\n')[0]
   p.add_argument('--top', type=int, default=25, help='ops to list')
   return p

@@ -53,8 +53,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from vgg_jax import host_memory
 
-if __name__ == '__main__':
-  # Before JAX is imported, so it runs as vgg_jax's programs do.
+if __name__ == '__main__':  # before JAX, as vgg_jax's programs do
   host_memory.reexec_with_huge_pages()
 
 import jax
@@ -71,7 +70,8 @@ from vgg_jax.configs import base
 PEERS = ('keras_off', 'keras_on', 'torch')
 
 
-def _parser() -> argparse.ArgumentParser:
+def make_parser() -> argparse.ArgumentParser:
+  """The options below; scripts built on this one add their own."""
   p = argparse.ArgumentParser(
       description=__doc__.split('\n\n')[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -139,9 +139,10 @@ def parse_args(argv: Sequence[str],
 
   Args:
     argv: the arguments.
-    parser: ``_parser()`` with a script's own options added (default: it).
+    parser: ``make_parser()`` with a script's own options added (default:
+      it).
   """
-  p = parser or _parser()
+  p = parser or make_parser()
   args = p.parse_args(argv)
   accel = jax.default_backend() != 'cpu'
   if args.require_accelerator and not accel:

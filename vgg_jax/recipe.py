@@ -39,9 +39,7 @@ from __future__ import annotations
 
 from vgg_jax import host_memory
 
-if __name__ == '__main__':
-  # First, before JAX is imported: glibc reads its tunables only when a
-  # process starts (see host_memory).
+if __name__ == '__main__':  # first: glibc reads its tunables at start-up
   host_memory.reexec_with_huge_pages()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -1,7 +1,7 @@
 """The records a training or evaluation pipeline reads, and their order.
 
 Shared by the host pipeline (`input_pipeline`) and the in-memory one
-(`device_augment`), so both read a shard's records in the same order.
+(`in_memory`), so both read a shard's records in the same order.
 """
 
 from __future__ import annotations
